@@ -1,0 +1,57 @@
+"""Probe: GPTQ W4A16 and SparseGPT 50% on a tiny LlamaForCausalLM on CPU via llm-compressor.
+
+Needs its OWN venv (llmcompressor 0.14.0.1 pins transformers<=5.17.0, main venv has 5.23):
+    python3 -m venv /tmp/venv-baselines && . /tmp/venv-baselines/bin/activate
+    pip install torch==2.13.0 llmcompressor==0.14.0.1     # -> transformers 5.17.0, compressed-tensors 0.19.0
+Run:  python benchmarks/baselines_probe.py [--hidden 256 --layers 4 --out /tmp/baselines_probe]
+"""
+import argparse, os, time, torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from llmcompressor import oneshot
+from llmcompressor.modifiers.quantization import GPTQModifier
+from llmcompressor.modifiers.pruning import SparseGPTModifier
+
+p = argparse.ArgumentParser()
+p.add_argument("--hidden", type=int, default=256); p.add_argument("--layers", type=int, default=4)
+p.add_argument("--nsamples", type=int, default=16); p.add_argument("--seqlen", type=int, default=128)
+p.add_argument("--out", default="/tmp/baselines_probe"); a = p.parse_args()
+torch.manual_seed(0)
+cfg = LlamaConfig(vocab_size=1024, hidden_size=a.hidden, intermediate_size=2 * a.hidden, num_hidden_layers=a.layers,
+                  num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512, tie_word_embeddings=False)
+# random token calibration data (pre-tokenized: oneshot skips the tokenizer when "input_ids" is present)
+calib = Dataset.from_dict({"input_ids": torch.randint(0, cfg.vocab_size, (a.nsamples, a.seqlen)).tolist(),
+                           "attention_mask": [[1] * a.seqlen] * a.nsamples})
+x = torch.randint(0, cfg.vocab_size, (1, 64))
+
+def bench(m, tag):
+    m.eval()
+    with torch.no_grad():
+        m(x); t = time.perf_counter()
+        for _ in range(10): logits = m(x).logits
+        fwd = (time.perf_counter() - t) / 10
+        t = time.perf_counter(); g = m.generate(x[:, :8], max_new_tokens=16, do_sample=False); gen = time.perf_counter() - t
+    print(f"[{tag}] fwd(1x64) {fwd*1e3:.1f} ms  generate16 {gen*1e3:.0f} ms  out={g[0, 8:12].tolist()}")
+    return logits
+
+recipes = {"gptq_w4a16": GPTQModifier(targets="Linear", scheme="W4A16", ignore=["lm_head"]),  # 4-bit sym, group 128
+           "sparsegpt_50": SparseGPTModifier(sparsity=0.5, mask_structure="0:0", targets=["Linear"], ignore=["lm_head"])}
+for name, recipe in recipes.items():
+    base = LlamaForCausalLM(cfg)
+    ref = bench(base, f"{name}/dense")
+    t = time.perf_counter()
+    model = oneshot(model=base, dataset=calib, recipe=recipe, num_calibration_samples=a.nsamples, max_seq_length=a.seqlen)
+    print(f"[{name}] oneshot took {time.perf_counter() - t:.1f} s")
+    w = model.model.layers[0].mlp.down_proj.weight
+    print(f"[{name}] in-memory: down_proj type={type(model.model.layers[0].mlp.down_proj).__name__} "
+          f"dtype={w.dtype} zero-frac={(w == 0).float().mean():.3f} uniq-in-row0={w[0].unique().numel()}")
+    out = bench(model, f"{name}/in-memory (fake-quant)")
+    d = os.path.join(a.out, name); model.save_pretrained(d, save_compressed=True)
+    print(f"[{name}] saved: {sorted(os.listdir(d))}, size {sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d))/1e6:.2f} MB")
+    re = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
+    lin = re.model.layers[0].mlp.down_proj
+    print(f"[{name}] reloaded down_proj: {type(lin).__module__}.{type(lin).__name__} "
+          f"params={[(n, tuple(q.shape), q.dtype) for n, q in lin.named_parameters()]}")
+    out2 = bench(re, f"{name}/reloaded")
+    print(f"[{name}] rel.err logits vs dense {((out - ref).norm() / ref.norm()).item():.4f}; "
+          f"reload vs in-memory max|diff| {(out2 - out).abs().max().item():.2e}")

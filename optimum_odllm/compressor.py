@@ -1,0 +1,469 @@
+"""``ODLLMCompressor``: the one-shot OD-LLM pipeline behind Optimum's quantizer interface.
+
+Stages, one decoder layer at a time (so memory holds one layer's activations, as in GPTQ):
+
+1. **capture**   run the model up to layer 0 on the calibration batches and keep its inputs;
+2. **statistics** per layer, forward the stored inputs with hooks that accumulate ``X^T X`` per input
+   group (float64 by default, padding excluded) and, with progressive alignment, ``X^T X_ref``
+   between the drifted inputs of the compressed prefix and the original model's inputs;
+3. **solve**     Cholesky ``S`` (jitter if needed), closed-form aligned target, truncated SVD of ``W S``;
+4. **write back** swap each ``nn.Linear`` for a :class:`LowRankLinear` and push the stored hidden
+   states through the layer to feed the next one.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from optimum.quantization_base import OptimumQuantizer
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.pytorch_utils import Conv1D
+from transformers.utils import logging
+
+from .calibration import CalibrationBatch, prepare_calibration
+from .configuration import QUANT_METHOD, ODLLMConfig
+from .hf_quantizer import ODLLMHfQuantizer
+from .layerwise import ActivationHooks, LayerInputs, capture_first_layer_inputs, find_decoder_layers, run_layer
+from .linalg import aligned_target, aligned_target_times_factor, check_finite, robust_cholesky, truncated_svd
+from .lowrank import LowRankLinear, set_submodule
+from .ranks import ModuleShape, allocate_ranks, kept_parameters
+from .utils import atomic_directory, count_parameters
+
+
+logger = logging.get_logger(__name__)
+
+_DTYPES = {"float64": torch.float64, "float32": torch.float32}
+
+
+@dataclass
+class ModuleReport:
+    """What happened to one targeted module."""
+
+    name: str
+    in_features: int
+    out_features: int
+    rank: int | None
+    truncation_loss: float = 0.0
+    relative_loss: float = 0.0
+    jitter: float = 0.0
+
+
+@dataclass
+class CompressionReport:
+    """Summary of a compression run (used for logs, model cards and benchmarks)."""
+
+    params_before: int = 0
+    params_after: int = 0
+    target_params_before: int = 0
+    target_params_after: int = 0
+    num_calibration_samples: int = 0
+    num_calibration_tokens: int = 0
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    modules: list[ModuleReport] = field(default_factory=list)
+
+    @property
+    def kept_ratio(self) -> float:
+        return self.target_params_after / max(1, self.target_params_before)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["kept_ratio"] = self.kept_ratio
+        return out
+
+
+def linear_weight(module: nn.Module) -> torch.Tensor:
+    """The ``[out, in]`` weight of an ``nn.Linear`` or a GPT-2 style ``Conv1D`` (stored transposed)."""
+    return module.weight.T if isinstance(module, Conv1D) else module.weight
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int]:
+    """``(in_features, out_features)`` of an ``nn.Linear`` or ``Conv1D``."""
+    out_features, in_features = linear_weight(module).shape
+    return in_features, out_features
+
+
+def _matches(name: str, patterns: list[str]) -> bool:
+    return any(name == p or name.endswith("." + p) or ("." + p + ".") in ("." + name + ".") for p in patterns)
+
+
+class ODLLMCompressor(OptimumQuantizer):
+    """Compress a causal LM (e.g. an LC-Rec recommender) to ``config.ratio`` of its parameters.
+
+    Example::
+
+        compressor = ODLLMCompressor.from_pretrained("path/or/hub-id", config=ODLLMConfig(ratio=0.5))
+        model = compressor.compress(calibration_texts)
+        compressor.save_pretrained("out")   # AutoModelForCausalLM.from_pretrained("out") after `import optimum_odllm`
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        config: ODLLMConfig | None = None,
+        tokenizer: Any = None,
+        source: str | None = None,
+    ):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
+        self.model = model
+        self.config = config if config is not None else ODLLMConfig()
+        if not isinstance(self.config, ODLLMConfig):
+            raise TypeError(f"config must be an ODLLMConfig, got {type(self.config).__name__}")
+        self.tokenizer = tokenizer
+        self.source = source or getattr(getattr(model, "config", None), "_name_or_path", None)
+        self.report: CompressionReport | None = None
+        self.calibration_source: str | None = None
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_or_path: str | Path | PreTrainedModel,
+        file_name: str | None = None,
+        *,
+        config: ODLLMConfig | None = None,
+        tokenizer: Any = None,
+        **model_kwargs: Any,
+    ) -> "ODLLMCompressor":
+        """Load the model to compress from a Hub id or local directory, or wrap an in-memory model.
+
+        ``file_name`` is accepted for Optimum's interface and ignored (checkpoints are directories).
+        ``model_kwargs`` go to ``AutoModelForCausalLM.from_pretrained`` (e.g. ``dtype``, ``revision``).
+        """
+        if isinstance(model_or_path, nn.Module):
+            return cls(model_or_path, config=config, tokenizer=tokenizer)
+        source = str(model_or_path)
+        model = AutoModelForCausalLM.from_pretrained(source, **model_kwargs)
+        if tokenizer is None:
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(source, revision=model_kwargs.get("revision"))
+            except (OSError, ValueError) as err:
+                logger.info(f"No tokenizer loaded from {source} ({err}); calibration must be token ids.")
+        return cls(model, config=config, tokenizer=tokenizer, source=source)
+
+    # ------------------------------------------------------------------ validation
+    def target_modules(self) -> dict[str, nn.Module]:
+        """The modules that would be factorized, by full name, after validating the model."""
+        model = self.model
+        existing = getattr(getattr(model, "config", None), "quantization_config", None)
+        if existing is not None:
+            method = existing.get("quant_method") if isinstance(existing, dict) else getattr(existing, "quant_method", None)
+            method = getattr(method, "value", method)
+            if method == QUANT_METHOD:
+                raise ValueError(
+                    "This model is already OD-LLM-compressed. Re-compressing low-rank factors is not supported: "
+                    "compress the original dense model again with a smaller ratio instead."
+                )
+            raise ValueError(
+                f"This model is already quantized with '{method}'. OD-LLM factorizes dense float weights: "
+                "load the unquantized checkpoint and compress that."
+            )
+        if any(isinstance(m, LowRankLinear) for m in model.modules()):
+            raise ValueError(
+                "This model already contains LowRankLinear modules (OD-LLM-compressed). Compress the original "
+                "dense model instead."
+            )
+        layers_name, _ = find_decoder_layers(model)
+        cfg = self.config
+        found: dict[str, nn.Module] = {}
+        unsupported: list[str] = []
+        for name, module in model.named_modules():
+            if not name.startswith(layers_name + "."):
+                continue
+            if isinstance(module, (nn.Linear, Conv1D)):
+                found[name] = module
+            elif type(module).__name__ in {"Linear4bit", "Linear8bitLt", "QuantLinear"}:
+                unsupported.append(f"{name} ({type(module).__name__})")
+        if unsupported:
+            raise ValueError(f"Quantized layers cannot be factorized: {unsupported[:3]}. Compress the dense model.")
+        if cfg.target_modules is not None:
+            unknown = [p for p in cfg.target_modules if not any(_matches(n, [p]) for n in found)]
+            if unknown:
+                suffixes = sorted({n.rsplit(".", 1)[-1] for n in found})
+                raise ValueError(
+                    f"target_modules {unknown} match no nn.Linear inside the decoder layers '{layers_name}'. "
+                    f"Available module names: {suffixes}."
+                )
+            found = {n: m for n, m in found.items() if _matches(n, cfg.target_modules)}
+        if cfg.modules_to_not_convert:
+            found = {n: m for n, m in found.items() if not _matches(n, cfg.modules_to_not_convert)}
+        if not found:
+            raise ValueError(
+                f"{type(model).__name__} has no nn.Linear (or Conv1D) layers inside its decoder layers "
+                f"'{layers_name}' to compress (after target_modules/modules_to_not_convert)."
+            )
+        for name, module in found.items():
+            check_finite(linear_weight(module), f"weight of {name}")
+        return found
+
+    def _prepare_calibration(self, data: Any) -> CalibrationBatch | None:
+        cfg = self.config
+        if data is None and not cfg.whitening and not cfg.progressive:
+            return None  # plain SVD needs no data
+        vocab = getattr(getattr(self.model, "config", None), "vocab_size", None)
+        embeddings = self.model.get_input_embeddings() if hasattr(self.model, "get_input_embeddings") else None
+        if embeddings is not None and hasattr(embeddings, "num_embeddings"):
+            vocab = embeddings.num_embeddings
+        pad_id = getattr(self.tokenizer, "pad_token_id", None)
+        if pad_id is None:
+            pad_id = getattr(getattr(self.model, "config", None), "pad_token_id", None)
+        return prepare_calibration(
+            data,
+            tokenizer=self.tokenizer,
+            num_samples=cfg.num_calibration_samples,
+            max_length=cfg.calibration_seq_len,
+            min_tokens=cfg.min_calibration_tokens,
+            vocab_size=vocab,
+            pad_token_id=pad_id if isinstance(pad_id, int) else 0,
+        )
+
+    # ------------------------------------------------------------------ compression
+    def compress(
+        self, calibration_dataset: Any = None, device: str | torch.device | None = None
+    ) -> PreTrainedModel:
+        """Compress ``self.model`` in place and return it.
+
+        Args:
+            calibration_dataset: LongTensor ``[N, L]``, list of token-id lists, list of strings, or a
+                ``datasets.Dataset`` with ``input_ids``/``text`` (first ``num_calibration_samples`` used).
+            device: where each layer is processed (default: CUDA if available, else the model's device).
+                The model itself stays where it is; layers visit ``device`` one at a time.
+        """
+        cfg = self.config
+        cfg.post_init()
+        targets = self.target_modules()
+        calibration = self._prepare_calibration(calibration_dataset)
+        if calibration_dataset is not None and self.calibration_source is None:
+            self.calibration_source = _describe(calibration_dataset)
+        device = torch.device(device) if device is not None else _default_device(self.model)
+
+        shapes = [ModuleShape(n, *linear_shape(m)) for n, m in targets.items()]
+        ranks = allocate_ranks(shapes, cfg.ratio, cfg.rank_multiple)
+        report = CompressionReport(
+            params_before=count_parameters(self.model),
+            target_params_before=sum(s.dense_params for s in shapes),
+            num_calibration_samples=0 if calibration is None else calibration.input_ids.shape[0],
+            num_calibration_tokens=0 if calibration is None else calibration.num_tokens,
+        )
+        timer = _StageTimer(report.stage_seconds, device)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            if calibration is None:
+                self._compress_data_free(targets, ranks, report, timer)
+            else:
+                self._compress_layerwise(targets, ranks, calibration, report, device, timer)
+        finally:
+            self.model.train(was_training)
+
+        report.target_params_after = kept_parameters(shapes, ranks)
+        report.params_after = count_parameters(self.model)
+        self.report = report
+        cfg.ranks = {name: rank for name, rank in ranks.items() if rank is not None}
+        self._mark_compressed()
+        logger.info(
+            f"OD-LLM: kept {report.kept_ratio:.3f} of the targeted parameters "
+            f"({report.params_before:,} -> {report.params_after:,} parameters in the model)."
+        )
+        return self.model
+
+    def _mark_compressed(self) -> None:
+        """Attach the config/quantizer the way ``from_pretrained`` would, so saving writes quantization_config."""
+        cfg = copy.deepcopy(self.config)
+        self.model.config.quantization_config = cfg
+        self.model.hf_quantizer = ODLLMHfQuantizer(cfg, pre_quantized=True)
+        self.model.is_quantized = True
+        self.model.quantization_method = QUANT_METHOD
+
+    def _compress_data_free(self, targets: dict[str, nn.Module], ranks: dict[str, int | None], report: CompressionReport, timer: "_StageTimer") -> None:
+        """``whitening=False, progressive=False``: plain truncated SVD of every weight."""
+        solver = _DTYPES[self.config.solver_dtype]
+        for name, module in logging.tqdm(list(targets.items()), desc="OD-LLM plain SVD"):
+            rank = ranks[name]
+            if rank is None:
+                report.modules.append(ModuleReport(name, *linear_shape(module), None))
+                continue
+            weight = linear_weight(module).detach().to(solver)
+            with timer("svd"):
+                factors = truncated_svd(weight, rank, driver=self.config.svd_driver)
+            self._write_back(name, module, factors.up, factors.down)
+            report.modules.append(_module_report(name, module, rank, factors.singular_values, 0.0))
+
+    def _compress_layerwise(
+        self,
+        targets: dict[str, nn.Module],
+        ranks: dict[str, int | None],
+        calibration: CalibrationBatch,
+        report: CompressionReport,
+        device: torch.device,
+        timer: "_StageTimer",
+    ) -> None:
+        cfg = self.config
+        layers_name, layers = find_decoder_layers(self.model)
+        batches = list(calibration.batches(cfg.calibration_batch_size))
+        with timer("capture"), torch.no_grad():
+            reference = capture_first_layer_inputs(self.model, layers[0], batches, device)
+        drifted: LayerInputs | None = None  # inputs seen through the compressed prefix (progressive only)
+        cov_dtype = _DTYPES[cfg.covariance_dtype]
+
+        for index in logging.tqdm(range(len(layers)), desc="OD-LLM layers"):
+            layer = layers[index]
+            prefix = f"{layers_name}.{index}."
+            layer_targets = {n: m for n, m in targets.items() if n.startswith(prefix)}
+            home = next(layer.parameters()).device
+            layer.to(device)
+            with torch.no_grad():
+                hooks = ActivationHooks({n[len(prefix):]: m for n, m in layer_targets.items()}, cov_dtype, prefix)
+                aligned = cfg.progressive and drifted is not None
+                next_reference: list[torch.Tensor] = []
+                with timer("statistics"):
+                    for b, (hidden, kwargs, mask) in enumerate(reference):
+                        mode = "record" if aligned else "accumulate"
+                        next_reference.append(hooks.forward(mode, layer, hidden, kwargs, mask, device))
+                        if aligned:
+                            hooks.forward("accumulate", layer, drifted.hidden[b], kwargs, mask, device)
+                            hooks.clear_recorded()
+                hooks.remove()
+                for local_name in hooks.stats.group_of:
+                    name = prefix + local_name
+                    module = layer_targets[name]
+                    if ranks[name] is None:
+                        report.modules.append(ModuleReport(name, *linear_shape(module), None))
+                        continue
+                    group = hooks.stats.group_of[local_name]
+                    covariance = hooks.stats.covariance[group]
+                    cross = hooks.stats.cross_covariance.get(group) if aligned else None
+                    self._solve_module(name, module, ranks[name], covariance, cross, report, timer)
+                missing = set(n[len(prefix):] for n in layer_targets) - set(hooks.stats.group_of)
+                if missing:
+                    raise RuntimeError(f"Modules {sorted(missing)} of layer {index} were never called during calibration.")
+                with timer("propagate"):
+                    if cfg.progressive:
+                        source = drifted if drifted is not None else reference
+                        drifted = source.with_hidden([run_layer(layer, h, kw, device) for h, kw, _ in source])
+                reference = reference.with_hidden(next_reference)
+            layer.to(home)
+
+    def _solve_module(
+        self,
+        name: str,
+        module: nn.Module,
+        rank: int,
+        covariance: torch.Tensor,
+        cross: torch.Tensor | None,
+        report: CompressionReport,
+        timer: "_StageTimer",
+    ) -> None:
+        """Whitening + (aligned) truncated SVD for one module, then write the factors back."""
+        cfg = self.config
+        solver = _DTYPES[cfg.solver_dtype]
+        weight = linear_weight(module).detach().to(device=covariance.device, dtype=solver)
+        covariance = covariance.to(solver)
+        with timer("cholesky"):
+            chol = robust_cholesky(covariance, name=f"input covariance of {name}")
+        jitter = chol.jitter
+        target, target_is_whitened = weight, False
+        if cross is not None:
+            with timer("alignment"):
+                if cfg.whitening:
+                    target, target_is_whitened = aligned_target_times_factor(weight, cross.to(solver), chol.factor), True
+                else:
+                    target = aligned_target(weight, cross.to(solver), chol.factor)
+        with timer("svd"):
+            factors = truncated_svd(
+                target, rank, chol.factor if cfg.whitening else None, cfg.svd_driver, target_is_whitened=target_is_whitened
+            )
+        self._write_back(name, module, factors.up, factors.down)
+        report.modules.append(_module_report(name, module, rank, factors.singular_values, jitter))
+
+    def _write_back(self, name: str, module: nn.Module, up: torch.Tensor, down: torch.Tensor) -> None:
+        weight = linear_weight(module)
+        replacement = LowRankLinear.from_factors(
+            up.to(weight.device), down.to(weight.device), None if module.bias is None else module.bias.detach(), dtype=weight.dtype
+        )
+        replacement.train(module.training)
+        set_submodule(self.model, name, replacement)
+
+    # ------------------------------------------------------------------ saving
+    def save_pretrained(self, save_directory: str | Path, **kwargs: Any) -> Path:
+        """Write model (safetensors), tokenizer and config atomically: a crash never leaves a loadable half."""
+        if not self.config.is_compressed:
+            raise RuntimeError("Nothing to save yet: call compress(calibration_data) first.")
+        save_directory = Path(save_directory)
+        with atomic_directory(save_directory) as tmp:
+            self.model.save_pretrained(tmp, **kwargs)
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(tmp)
+            self._write_extras(tmp)
+        logger.info(f"Saved the OD-LLM-compressed model to {save_directory}")
+        return save_directory
+
+    def _write_extras(self, directory: Path) -> None:
+        """Hook for additional artifacts (model card, reports) written inside the atomic save."""
+        if self.report is not None:
+            import json
+
+            (directory / "odllm_report.json").write_text(json.dumps(self.report.to_dict(), indent=2))
+
+    def quantize(
+        self, save_dir: str | Path, file_prefix: str | None = None, calibration_dataset: Any = None, **kwargs: Any
+    ) -> Path:
+        """Optimum's entry point: ``compress(calibration_dataset)`` then ``save_pretrained(save_dir)``.
+
+        ``file_prefix`` is accepted for interface compatibility; the weights file is ``model.safetensors``.
+        """
+        device = kwargs.pop("device", None)
+        self.compress(calibration_dataset, device=device)
+        return self.save_pretrained(save_dir, **kwargs)
+
+
+def _module_report(name: str, module: nn.Module, rank: int, singular_values: torch.Tensor, jitter: float) -> ModuleReport:
+    energy = float((singular_values**2).sum())
+    loss = float((singular_values[rank:] ** 2).sum())
+    return ModuleReport(name, *linear_shape(module), rank, loss, loss / energy if energy else 0.0, jitter)
+
+
+def _default_device(model: nn.Module) -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    return next(model.parameters()).device
+
+
+def _describe(data: Any) -> str:
+    if isinstance(data, torch.Tensor):
+        return f"token-id tensor {tuple(data.shape)}"
+    info = getattr(data, "info", None)
+    name = getattr(info, "dataset_name", None) if info is not None else None
+    if name:
+        return f"datasets.Dataset '{name}'"
+    try:
+        return f"{type(data).__name__} of {len(data)} sequences"
+    except TypeError:
+        return type(data).__name__
+
+
+class _StageTimer:
+    """Accumulates wall time per stage name (synchronizing CUDA so GPU work is counted)."""
+
+    def __init__(self, totals: dict[str, float], device: torch.device):
+        self.totals = totals
+        self.cuda = device.type == "cuda"
+
+    @contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        if self.cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.cuda:
+                torch.cuda.synchronize()
+            self.totals[stage] = self.totals.get(stage, 0.0) + time.perf_counter() - start

@@ -15,6 +15,7 @@ from llmcompressor.modifiers.pruning import SparseGPTModifier
 p = argparse.ArgumentParser()
 p.add_argument("--hidden", type=int, default=256); p.add_argument("--layers", type=int, default=4)
 p.add_argument("--nsamples", type=int, default=16); p.add_argument("--seqlen", type=int, default=128)
+p.add_argument("--scheme", default="W4A16_ASYM", help="W4A16 (sym) or W4A16_ASYM (asym zero-point); both group 128")
 p.add_argument("--out", default="/tmp/baselines_probe"); a = p.parse_args()
 torch.manual_seed(0)
 cfg = LlamaConfig(vocab_size=1024, hidden_size=a.hidden, intermediate_size=2 * a.hidden, num_hidden_layers=a.layers,
@@ -23,6 +24,12 @@ cfg = LlamaConfig(vocab_size=1024, hidden_size=a.hidden, intermediate_size=2 * a
 calib = Dataset.from_dict({"input_ids": torch.randint(0, cfg.vocab_size, (a.nsamples, a.seqlen)).tolist(),
                            "attention_mask": [[1] * a.seqlen] * a.nsamples})
 x = torch.randint(0, cfg.vocab_size, (1, 64))
+# oneshot insists on a processor when a dataset is given: a tiny offline word-level tokenizer is enough
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+_tk = Tokenizer(models.WordLevel({f"t{i}": i for i in range(cfg.vocab_size)}, unk_token="t0"))
+_tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+tok = PreTrainedTokenizerFast(tokenizer_object=_tk, unk_token="t0", pad_token="t0", eos_token="t1")
 
 def bench(m, tag):
     m.eval()
@@ -34,13 +41,15 @@ def bench(m, tag):
     print(f"[{tag}] fwd(1x64) {fwd*1e3:.1f} ms  generate16 {gen*1e3:.0f} ms  out={g[0, 8:12].tolist()}")
     return logits
 
-recipes = {"gptq_w4a16": GPTQModifier(targets="Linear", scheme="W4A16", ignore=["lm_head"]),  # 4-bit sym, group 128
-           "sparsegpt_50": SparseGPTModifier(sparsity=0.5, mask_structure="0:0", targets=["Linear"], ignore=["lm_head"])}
+recipes = {"gptq_w4a16": GPTQModifier(targets="Linear", scheme=a.scheme, ignore=["lm_head"], dampening_frac=0.01, block_size=128),
+           "sparsegpt_50": SparseGPTModifier(sparsity=0.5, mask_structure="0:0", targets=["Linear"], ignore=["re:.*lm_head"])}  # plain "lm_head" is NOT matched here
 for name, recipe in recipes.items():
-    base = LlamaForCausalLM(cfg)
+    # oneshot.validate_model re-reads model.config.name_or_path from disk: an in-memory model needs a saved copy
+    d0 = os.path.join(a.out, "dense"); LlamaForCausalLM(cfg).save_pretrained(d0)
+    base = AutoModelForCausalLM.from_pretrained(d0, dtype=torch.float32)
     ref = bench(base, f"{name}/dense")
     t = time.perf_counter()
-    model = oneshot(model=base, dataset=calib, recipe=recipe, num_calibration_samples=a.nsamples, max_seq_length=a.seqlen)
+    model = oneshot(model=base, dataset=calib, recipe=recipe, tokenizer=tok, num_calibration_samples=a.nsamples, max_seq_length=a.seqlen)
     print(f"[{name}] oneshot took {time.perf_counter() - t:.1f} s")
     w = model.model.layers[0].mlp.down_proj.weight
     print(f"[{name}] in-memory: down_proj type={type(model.model.layers[0].mlp.down_proj).__name__} "
@@ -52,6 +61,7 @@ for name, recipe in recipes.items():
     lin = re.model.layers[0].mlp.down_proj
     print(f"[{name}] reloaded down_proj: {type(lin).__module__}.{type(lin).__name__} "
           f"params={[(n, tuple(q.shape), q.dtype) for n, q in lin.named_parameters()]}")
-    out2 = bench(re, f"{name}/reloaded")
+    out2 = bench(re, f"{name}/reloaded")  # first forward fires ct_decompress_hook: packed int4 -> dense fp32 weight
+    print(f"[{name}] after 1st forward: {[(n, q.dtype) for n, q in lin.named_parameters()]}")
     print(f"[{name}] rel.err logits vs dense {((out - ref).norm() / ref.norm()).item():.4f}; "
           f"reload vs in-memory max|diff| {(out2 - out).abs().max().item():.2e}")

@@ -1,0 +1,63 @@
+"""Rank allocation keeps the parameter budget: never above ratio, within 10% below, aligned ranks."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from optimum_odllm.ranks import ModuleShape, allocate_ranks, effective_multiple, kept_parameters
+
+LLAMA_7B = [
+    ModuleShape(n, i, o)
+    for n, i, o in [("q", 4096, 4096), ("k", 4096, 4096), ("v", 4096, 4096), ("o", 4096, 4096),
+                    ("gate", 4096, 11008), ("up", 4096, 11008), ("down", 11008, 4096)]
+]
+
+
+@pytest.mark.parametrize("ratio", [0.2, 0.3, 0.5, 0.7, 0.9])
+def test_llama7b_budget_and_alignment(ratio):
+    ranks = allocate_ranks(LLAMA_7B, ratio, 128)
+    total = sum(s.dense_params for s in LLAMA_7B)
+    kept = kept_parameters(LLAMA_7B, ranks)
+    assert kept <= ratio * total
+    assert kept >= 0.9 * ratio * total
+    assert all(r % 128 == 0 for r in ranks.values())
+    # hand check: r*(in+out) parameters per module
+    assert kept == sum(ranks[s.name] * (s.in_features + s.out_features) for s in LLAMA_7B)
+
+
+def test_ratio_one_keeps_everything_dense():
+    assert all(r is None for r in allocate_ranks(LLAMA_7B, 1.0).values())
+
+
+def test_small_modules_fall_back_to_smaller_multiples():
+    assert effective_multiple(1024.0, 128) == 128
+    assert effective_multiple(40.0, 128) == 16
+    assert effective_multiple(1.5, 128) == 1
+
+
+def test_invalid_ratio():
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        allocate_ranks(LLAMA_7B, 0.0)
+
+
+dims = st.integers(min_value=16, max_value=700)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    shapes=st.lists(st.tuples(dims, dims), min_size=1, max_size=8),
+    ratio=st.floats(min_value=0.15, max_value=0.95),
+    multiple=st.sampled_from([1, 8, 32, 128]),
+)
+def test_budget_property(shapes, ratio, multiple):
+    modules = [ModuleShape(f"m{i}", a, b) for i, (a, b) in enumerate(shapes)]
+    ranks = allocate_ranks(modules, ratio, multiple)
+    total = sum(s.dense_params for s in modules)
+    kept = kept_parameters(modules, ranks)
+    assert kept <= ratio * total
+    for s in modules:
+        r = ranks[s.name]
+        if r is not None:
+            assert 1 <= r and s.lowrank_params(r) < s.dense_params

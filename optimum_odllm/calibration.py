@@ -7,7 +7,12 @@ any forward pass, so bad data fails in milliseconds with an error that says what
 
 from __future__ import annotations
 
+import json
+import numbers
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -29,8 +34,33 @@ class CalibrationBatch:
             yield self.input_ids[start : start + batch_size], self.attention_mask[start : start + batch_size]
 
 
+def _token_list(seq: Any, row: int) -> list[int]:
+    """One sequence of token ids as a list of Python ints, or a ValueError saying which row is wrong."""
+    if isinstance(seq, torch.Tensor):
+        if seq.dim() != 1 or seq.dtype.is_floating_point or seq.dtype.is_complex or seq.dtype == torch.bool:
+            raise ValueError(
+                f"Calibration sequence {row} must be a 1-D integer tensor of token ids, got dtype={seq.dtype}, "
+                f"shape={tuple(seq.shape)}."
+            )
+        return [int(v) for v in seq.tolist()]
+    if isinstance(seq, (str, bytes)) or not isinstance(seq, Sequence) and not hasattr(seq, "tolist"):
+        raise ValueError(
+            f"Calibration sequence {row} is a {type(seq).__name__}; each sequence must be a list of token ids "
+            "(or pass a list of strings, all of them text)."
+        )
+    values = seq.tolist() if hasattr(seq, "tolist") else list(seq)
+    out = []
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise ValueError(
+                f"Calibration sequence {row} contains {value!r} ({type(value).__name__}); token ids must be integers."
+            )
+        out.append(int(value))
+    return out
+
+
 def _from_token_lists(sequences: Sequence[Sequence[int]], pad_token_id: int) -> CalibrationBatch:
-    sequences = [list(map(int, seq)) for seq in sequences]
+    sequences = [list(seq) for seq in sequences]
     length = max(len(seq) for seq in sequences)
     ids = torch.full((len(sequences), length), pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(sequences), length), dtype=torch.long)
@@ -68,12 +98,34 @@ def prepare_calibration(
     """
     if pad_token_id is None:
         pad_token_id = getattr(tokenizer, "pad_token_id", None)
-        if pad_token_id is None:
-            pad_token_id = getattr(tokenizer, "eos_token_id", None) or 0
+    # Tokens equal to a known pad id never count; an unknown pad id only fills the padding we add.
+    known_pad = pad_token_id
+    if pad_token_id is None:
+        pad_token_id = getattr(tokenizer, "eos_token_id", None) or 0
     if data is None:
         raise ValueError("No calibration data given. Pass e.g. ~256 representative sequences to compress().")
 
-    mask = None
+    if isinstance(data, Mapping):  # a tokenizer's BatchEncoding / {"input_ids", "attention_mask"}
+        if "input_ids" not in data:
+            raise ValueError(
+                f"A calibration mapping needs an 'input_ids' entry (like a tokenizer's output); it has {sorted(map(str, data))}."
+            )
+        ids, given_mask = data["input_ids"], data.get("attention_mask")
+        if given_mask is None:
+            data = ids
+        else:
+            if isinstance(ids, torch.Tensor) != isinstance(given_mask, torch.Tensor) or len(ids) != len(given_mask):
+                raise ValueError("Calibration 'attention_mask' must have the same form and number of rows as 'input_ids'.")
+            rows = []
+            for row, (seq, seq_mask) in enumerate(zip(ids, given_mask)):
+                seq, seq_mask = _token_list(seq, row), _token_list(seq_mask, row)
+                if len(seq) != len(seq_mask) or any(m not in (0, 1) for m in seq_mask):
+                    raise ValueError(
+                        f"Calibration attention_mask row {row} must be 0/1 values of the same length as its input_ids."
+                    )
+                rows.append([t for t, m in zip(seq, seq_mask) if m])
+            data = rows
+
     if isinstance(data, torch.Tensor):
         if data.dim() != 2 or data.dtype not in (torch.int64, torch.int32):
             raise ValueError(
@@ -114,7 +166,7 @@ def prepare_calibration(
             data = _tokenize(data, tokenizer, max_length)
         elif any(isinstance(item, str) for item in data):
             raise ValueError("Calibration list mixes strings and token ids; use one kind.")
-        data = [list(seq)[:max_length] for seq in data]
+        data = [_token_list(seq, row)[:max_length] for row, seq in enumerate(data)]
         if any(len(seq) == 0 for seq in data):
             raise ValueError("Calibration data contains an empty sequence; drop empty rows before compressing.")
         batch = _from_token_lists(data, pad_token_id)
@@ -122,15 +174,19 @@ def prepare_calibration(
     if batch.input_ids.numel() == 0:
         raise ValueError("Calibration data is empty. Pass e.g. ~256 representative sequences to compress().")
     ids = batch.input_ids
-    if vocab_size is not None and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+    if int(ids.min()) < 0:
+        raise ValueError(
+            f"Calibration token ids must be non-negative; found {int(ids.min())}. Tokenize with the model's own tokenizer."
+        )
+    if vocab_size is not None and int(ids.max()) >= vocab_size:
         raise ValueError(
             f"Calibration token ids must be in [0, {vocab_size}) (the model's vocabulary); found "
             f"min={int(ids.min())}, max={int(ids.max())}. Tokenize with the model's own tokenizer "
             "(or resize the embeddings after adding tokens)."
         )
     real = batch.attention_mask.bool()
-    if tokenizer is not None and getattr(tokenizer, "pad_token_id", None) is not None:
-        real &= ids != tokenizer.pad_token_id
+    if known_pad is not None:
+        real &= ids != known_pad
         batch.attention_mask = real.long() * batch.attention_mask
     num_tokens = int(real.sum())
     if num_tokens == 0:
@@ -150,3 +206,67 @@ def _is_dataset(data: Any) -> bool:
     except ImportError:  # pragma: no cover - datasets is a dependency
         return False
     return isinstance(data, datasets.Dataset)
+
+
+def validate_item_index_file(path: str | os.PathLike, tokenizer: Any = None, vocab_size: int | None = None):
+    """Load an LC-Rec ``item_index.json`` and check it fits the tokenizer (and the model's vocabulary).
+
+    Returns the :class:`~optimum_odllm.recsys.indexing.ItemIndex`. Raises ``ValueError`` naming the file
+    for a malformed file, index tokens the tokenizer does not know (an index built for another
+    tokenizer) or token ids beyond the embedding matrix.
+    """
+    from .recsys.indexing import LEVEL_NAMES, ItemIndex
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "item_index.json"
+
+    def bad(problem: str) -> ValueError:
+        return ValueError(f"Item index file {path} {problem}. Rebuild it (optimum-cli odllm index) or fix the path.")
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise bad(f"cannot be read as JSON ({type(err).__name__}: {str(err)[:200]})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("codes"), list):
+        raise bad("has no 'codes' list")
+    codes = data["codes"]
+    for row, code in enumerate(codes):
+        if not isinstance(code, list) or not code or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in code
+        ):
+            raise bad(f"has an invalid code for item {row} ({str(code)[:80]}): codes are lists of non-negative integers")
+        if len(code) > len(LEVEL_NAMES):
+            raise bad(f"has a code with {len(code)} levels; at most {len(LEVEL_NAMES)} are supported")
+    item_ids = data.get("item_ids", [])
+    if not isinstance(item_ids, list) or not all(isinstance(i, str) for i in item_ids):
+        raise bad("has 'item_ids' that are not a list of strings")
+    if item_ids and len(item_ids) != len(codes):
+        raise bad(f"has {len(item_ids)} item_ids but {len(codes)} codes")
+    levels = data.get("levels")
+    if codes and levels is not None and levels != len(codes[0]):
+        raise bad(f"declares levels={levels!r} but its codes have {len(codes[0])} levels")
+    try:
+        index = ItemIndex(codes=[tuple(c) for c in codes], item_ids=list(item_ids))
+    except ValueError as err:
+        raise bad(f"is inconsistent ({err})") from None
+    if tokenizer is None:
+        return index
+    vocab = tokenizer.get_vocab()
+    tokens = index.all_tokens()
+    missing = [t for t in tokens if t not in vocab]
+    if missing:
+        raise ValueError(
+            f"Item index file {path} does not match the tokenizer: {len(missing)} of its {len(tokens)} index tokens "
+            f"(e.g. {missing[0]}) are not in the vocabulary. Use the tokenizer saved with this recommender (the index "
+            "was built for another one), or add the tokens with recsys.instructions.add_index_tokens."
+        )
+    if vocab_size is not None:
+        too_large = [t for t in tokens if vocab[t] >= vocab_size]
+        if too_large:
+            raise ValueError(
+                f"Item index file {path}: the tokenizer maps index token {too_large[0]} to id {vocab[too_large[0]]}, "
+                f"beyond the model's {vocab_size} embeddings. Resize the embeddings "
+                "(model.resize_token_embeddings(len(tokenizer))) or use the matching model."
+            )
+    return index

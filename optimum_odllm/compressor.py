@@ -14,6 +14,7 @@ Stages, one decoder layer at a time (so memory holds one layer's activations, as
 from __future__ import annotations
 
 import copy
+import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -27,7 +28,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 from transformers.utils import logging
 
-from .calibration import CalibrationBatch, prepare_calibration
+from .calibration import CalibrationBatch, prepare_calibration, validate_item_index_file
+from .checkpointing import (
+    CHECKPOINT_DIRNAME,
+    LayerCheckpointer,
+    ResumeState,
+    hash_tensors,
+    model_fingerprint,
+    settings_fingerprint,
+)
 from .configuration import QUANT_METHOD, ODLLMConfig
 from .hf_quantizer import ODLLMHfQuantizer
 from .layerwise import ActivationHooks, LayerInputs, capture_first_layer_inputs, find_decoder_layers, run_layer
@@ -203,6 +212,19 @@ class ODLLMCompressor(OptimumQuantizer):
             check_finite(linear_weight(module), f"weight of {name}")
         return found
 
+    def _validate_item_index(self) -> None:
+        """Check the recommender's ``item_index.json`` (``self.item_index_file`` or next to the model) against the tokenizer."""
+        index_file = getattr(self, "item_index_file", None)
+        if index_file is None and self.source and Path(self.source, "item_index.json").is_file():
+            index_file = Path(self.source, "item_index.json")
+        if index_file is None:
+            return
+        vocab = getattr(getattr(self.model, "config", None), "vocab_size", None)
+        embeddings = self.model.get_input_embeddings() if hasattr(self.model, "get_input_embeddings") else None
+        if embeddings is not None and hasattr(embeddings, "num_embeddings"):
+            vocab = embeddings.num_embeddings
+        validate_item_index_file(index_file, self.tokenizer, vocab)
+
     def _prepare_calibration(self, data: Any) -> CalibrationBatch | None:
         cfg = self.config
         if data is None and not cfg.whitening and not cfg.progressive:
@@ -221,31 +243,61 @@ class ODLLMCompressor(OptimumQuantizer):
             max_length=cfg.calibration_seq_len,
             min_tokens=cfg.min_calibration_tokens,
             vocab_size=vocab,
-            pad_token_id=pad_id if isinstance(pad_id, int) else 0,
+            pad_token_id=pad_id if isinstance(pad_id, int) and not isinstance(pad_id, bool) else None,
         )
 
     # ------------------------------------------------------------------ compression
     def compress(
-        self, calibration_dataset: Any = None, device: str | torch.device | None = None
+        self,
+        calibration_dataset: Any = None,
+        device: str | torch.device | None = None,
+        *,
+        checkpoint_dir: str | Path | None = None,
+        resume: bool = False,
     ) -> PreTrainedModel:
         """Compress ``self.model`` in place and return it.
 
         Args:
-            calibration_dataset: LongTensor ``[N, L]``, list of token-id lists, list of strings, or a
-                ``datasets.Dataset`` with ``input_ids``/``text`` (first ``num_calibration_samples`` used).
+            calibration_dataset: LongTensor ``[N, L]``, list of token-id lists, list of strings, a
+                tokenizer output (``{"input_ids", "attention_mask"}``) or a ``datasets.Dataset`` with
+                ``input_ids``/``text`` (first ``num_calibration_samples`` used).
             device: where each layer is processed (default: CUDA if available, else the model's device).
                 The model itself stays where it is; layers visit ``device`` one at a time.
+            checkpoint_dir: if set, after every decoder layer the factors and the hidden states needed to
+                continue are saved there atomically (safetensors + a JSON manifest), so an interrupted run
+                can resume. :meth:`save_pretrained` deletes it after a successful save.
+            resume: continue from the checkpoint in ``checkpoint_dir`` if there is one (the result is
+                bit-identical to an uninterrupted run). A checkpoint made with other settings, data or
+                model raises :class:`~optimum_odllm.checkpointing.CheckpointError`. With ``resume=False``
+                an existing checkpoint is discarded.
         """
         cfg = self.config
         cfg.post_init()
+        if resume and checkpoint_dir is None:
+            raise ValueError("resume=True needs checkpoint_dir= (the directory the interrupted run checkpointed to).")
         targets = self.target_modules()
         calibration = self._prepare_calibration(calibration_dataset)
+        self._validate_item_index()
         if calibration_dataset is not None and self.calibration_source is None:
             self.calibration_source = _describe(calibration_dataset)
         device = torch.device(device) if device is not None else _default_device(self.model)
 
         shapes = [ModuleShape(n, *linear_shape(m)) for n, m in targets.items()]
         ranks = allocate_ranks(shapes, cfg.ratio, cfg.rank_multiple)
+        checkpointer = None
+        if checkpoint_dir is not None and calibration is not None:
+            checkpointer = LayerCheckpointer(
+                checkpoint_dir,
+                {
+                    "settings": settings_fingerprint(cfg),
+                    "calibration": hash_tensors(calibration.input_ids, calibration.attention_mask),
+                    "model": model_fingerprint(self.model, targets, ranks),
+                },
+            )
+            if checkpointer.exists() and not resume:
+                logger.warning(f"Discarding the existing checkpoint in {checkpoint_dir} (resume=False).")
+                checkpointer.clear()
+            self._checkpoint_dir = Path(checkpoint_dir)
         report = CompressionReport(
             params_before=count_parameters(self.model),
             target_params_before=sum(s.dense_params for s in shapes),
@@ -259,7 +311,7 @@ class ODLLMCompressor(OptimumQuantizer):
             if calibration is None:
                 self._compress_data_free(targets, ranks, report, timer)
             else:
-                self._compress_layerwise(targets, ranks, calibration, report, device, timer)
+                self._compress_layerwise(targets, ranks, calibration, report, device, timer, checkpointer, resume)
         finally:
             self.model.train(was_training)
 
@@ -267,7 +319,14 @@ class ODLLMCompressor(OptimumQuantizer):
         report.params_after = count_parameters(self.model)
         self.report = report
         cfg.ranks = {name: rank for name, rank in ranks.items() if rank is not None}
-        self._mark_compressed()
+        cfg._kept_dense = not cfg.ranks
+        if cfg.ranks:
+            self._mark_compressed()
+        else:
+            logger.warning(
+                f"OD-LLM: ratio={cfg.ratio} leaves every targeted module dense (a factorization would not save "
+                "parameters), so the model is unchanged and will be saved as a plain dense checkpoint."
+            )
         logger.info(
             f"OD-LLM: kept {report.kept_ratio:.3f} of the targeted parameters "
             f"({report.params_before:,} -> {report.params_after:,} parameters in the model)."
@@ -304,6 +363,8 @@ class ODLLMCompressor(OptimumQuantizer):
         report: CompressionReport,
         device: torch.device,
         timer: "_StageTimer",
+        checkpointer: LayerCheckpointer | None = None,
+        resume: bool = False,
     ) -> None:
         cfg = self.config
         layers_name, layers = find_decoder_layers(self.model)
@@ -312,8 +373,20 @@ class ODLLMCompressor(OptimumQuantizer):
             reference = capture_first_layer_inputs(self.model, layers[0], batches, device)
         drifted: LayerInputs | None = None  # inputs seen through the compressed prefix (progressive only)
         cov_dtype = _DTYPES[cfg.covariance_dtype]
+        start = 0
+        if checkpointer is not None and resume and checkpointer.exists():
+            state = checkpointer.load(len(batches))
+            start = self._restore_layers(state, targets, ranks, layers_name, len(layers), checkpointer)
+            report.modules.extend(ModuleReport(**entry) for entry in state.modules)
+            reference = reference.with_hidden([h.to(device) for h in state.reference])
+            if state.drifted is not None:
+                drifted = reference.with_hidden([h.to(device) for h in state.drifted])
+            logger.warning(
+                f"OD-LLM: resuming from the checkpoint in {checkpointer.directory}: layers 0..{start - 1} "
+                f"are restored, continuing with layer {start} of {len(layers)}."
+            )
 
-        for index in logging.tqdm(range(len(layers)), desc="OD-LLM layers"):
+        for index in logging.tqdm(range(start, len(layers)), desc="OD-LLM layers", initial=start, total=len(layers)):
             layer = layers[index]
             prefix = f"{layers_name}.{index}."
             layer_targets = {n: m for n, m in targets.items() if n.startswith(prefix)}
@@ -322,14 +395,19 @@ class ODLLMCompressor(OptimumQuantizer):
             with torch.no_grad():
                 hooks = ActivationHooks({n[len(prefix):]: m for n, m in layer_targets.items()}, cov_dtype, prefix)
                 aligned = cfg.progressive and drifted is not None
-                next_reference: list[torch.Tensor] = []
+                if cfg.progressive and drifted is None:
+                    # Both streams are identical until the first compressed layer: share the tensors.
+                    drifted = reference.with_hidden(list(reference.hidden))
                 with timer("statistics"):
+                    # Outputs overwrite the inputs batch by batch, so only two streams (reference and
+                    # drifted) are ever held: the memory bound of a 7B run on one GPU.
                     for b, (hidden, kwargs, mask) in enumerate(reference):
                         mode = "record" if aligned else "accumulate"
-                        next_reference.append(hooks.forward(mode, layer, hidden, kwargs, mask, device))
+                        output = hooks.forward(mode, layer, hidden, kwargs, mask, device)
                         if aligned:
                             hooks.forward("accumulate", layer, drifted.hidden[b], kwargs, mask, device)
                             hooks.clear_recorded()
+                        reference.hidden[b] = output
                 hooks.remove()
                 for local_name in hooks.stats.group_of:
                     name = prefix + local_name
@@ -346,10 +424,54 @@ class ODLLMCompressor(OptimumQuantizer):
                     raise RuntimeError(f"Modules {sorted(missing)} of layer {index} were never called during calibration.")
                 with timer("propagate"):
                     if cfg.progressive:
-                        source = drifted if drifted is not None else reference
-                        drifted = source.with_hidden([run_layer(layer, h, kw, device) for h, kw, _ in source])
-                reference = reference.with_hidden(next_reference)
+                        for b, (hidden, kwargs, _) in enumerate(drifted):
+                            drifted.hidden[b] = run_layer(layer, hidden, kwargs, device)
+                            check_finite(drifted.hidden[b], f"output hidden states of the compressed layer {layers_name}.{index}")
             layer.to(home)
+            if checkpointer is not None:
+                with timer("checkpoint"):
+                    factors = {}
+                    for name in layer_targets:
+                        module = self.model.get_submodule(name)
+                        if isinstance(module, LowRankLinear):
+                            factors[name + ".down.weight"] = module.down.weight
+                            factors[name + ".up.weight"] = module.up.weight
+                    done = [asdict(m) for m in report.modules if m.name.startswith(prefix)]
+                    checkpointer.save_layer(
+                        index, factors, done, reference.hidden, drifted.hidden if drifted is not None else None
+                    )
+
+    def _restore_layers(
+        self,
+        state: ResumeState,
+        targets: dict[str, nn.Module],
+        ranks: dict[str, int | None],
+        layers_name: str,
+        num_layers: int,
+        checkpointer: LayerCheckpointer,
+    ) -> int:
+        """Put the checkpointed factors of layers ``0..completed-1`` into the model; return the next layer."""
+        completed = state.completed_layers
+        if completed > num_layers:
+            raise checkpointer._fail(f"it has {completed} layers but the model has {num_layers}")
+        done_prefixes = tuple(f"{layers_name}.{i}." for i in range(completed))
+        expected = {n for n in targets if n.startswith(done_prefixes) and ranks[n] is not None}
+        saved = {key.rsplit(".", 2)[0] for key in state.factors}
+        if saved != expected:
+            odd = sorted(saved ^ expected)
+            raise checkpointer._fail(f"its factors do not match the modules to compress (e.g. {odd[:3]})")
+        for name in sorted(expected):
+            module = targets[name]
+            in_features, out_features = linear_shape(module)
+            up, down = state.factors.get(name + ".up.weight"), state.factors.get(name + ".down.weight")
+            shape_ok = (
+                up is not None and down is not None
+                and tuple(up.shape) == (out_features, ranks[name]) and tuple(down.shape) == (ranks[name], in_features)
+            )
+            if not shape_ok:
+                raise checkpointer._fail(f"the factors of {name} are missing or have the wrong shape")
+            self._write_back(name, module, up, down)
+        return completed
 
     def _solve_module(
         self,
@@ -393,35 +515,96 @@ class ODLLMCompressor(OptimumQuantizer):
 
     # ------------------------------------------------------------------ saving
     def save_pretrained(self, save_directory: str | Path, **kwargs: Any) -> Path:
-        """Write model (safetensors), tokenizer and config atomically: a crash never leaves a loadable half."""
-        if not self.config.is_compressed:
+        """Write model (safetensors), tokenizer and config atomically: a crash never leaves a loadable half.
+
+        Everything is written to a temporary sibling directory that replaces ``save_directory`` by one
+        rename once complete. Afterwards the resume checkpoint of :meth:`compress` (if any) is deleted.
+        """
+        if self.report is None:
             raise RuntimeError("Nothing to save yet: call compress(calibration_data) first.")
+        if kwargs.get("safe_serialization") is False:
+            raise ValueError("OD-LLM checkpoints are saved as safetensors only (no pickle); drop safe_serialization=False.")
         save_directory = Path(save_directory)
         with atomic_directory(save_directory) as tmp:
             self.model.save_pretrained(tmp, **kwargs)
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(tmp)
             self._write_extras(tmp)
+        checkpoint_dir = getattr(self, "_checkpoint_dir", None)
+        if checkpoint_dir is not None:
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)
+            self._checkpoint_dir = None
         logger.info(f"Saved the OD-LLM-compressed model to {save_directory}")
         return save_directory
 
     def _write_extras(self, directory: Path) -> None:
-        """Hook for additional artifacts (model card, reports) written inside the atomic save."""
-        if self.report is not None:
-            import json
+        """Hook for additional artifacts (model card, reports) written inside the atomic save.
 
+        Writes ``odllm_report.json``, the model card ``README.md`` (with ``self.eval_results`` as
+        ``model-index`` when set) and copies the recommender's ``item_index.json`` from the base model
+        directory (or ``self.item_index_file``) so the checkpoint is self-contained.
+        """
+        import json
+        import shutil
+
+        from .modelcard import build_model_card
+
+        if self.report is not None:
             (directory / "odllm_report.json").write_text(json.dumps(self.report.to_dict(), indent=2))
+        index_file = getattr(self, "item_index_file", None)
+        if index_file is None and self.source and Path(self.source, "item_index.json").is_file():
+            index_file = Path(self.source, "item_index.json")
+        if index_file is not None and not (directory / "item_index.json").exists():
+            shutil.copyfile(index_file, directory / "item_index.json")
+        card = build_model_card(
+            self, repo_id=getattr(self, "card_repo_id", None), eval_results=getattr(self, "eval_results", None)
+        )
+        card.save(directory / "README.md")
 
     def quantize(
-        self, save_dir: str | Path, file_prefix: str | None = None, calibration_dataset: Any = None, **kwargs: Any
+        self,
+        save_dir: str | Path,
+        file_prefix: str | None = None,
+        calibration_dataset: Any = None,
+        *,
+        resume: bool = True,
+        checkpoint: bool = True,
+        **kwargs: Any,
     ) -> Path:
         """Optimum's entry point: ``compress(calibration_dataset)`` then ``save_pretrained(save_dir)``.
 
+        With ``checkpoint=True`` (default) every finished decoder layer is checkpointed to
+        ``save_dir/.odllm_checkpoint`` and, with ``resume=True`` (default), rerunning the same call after
+        a crash continues from there. The final atomic save replaces ``save_dir`` and drops the checkpoint.
         ``file_prefix`` is accepted for interface compatibility; the weights file is ``model.safetensors``.
         """
         device = kwargs.pop("device", None)
-        self.compress(calibration_dataset, device=device)
+        checkpoint_dir = Path(save_dir) / CHECKPOINT_DIRNAME if checkpoint else None
+        self.compress(calibration_dataset, device=device, checkpoint_dir=checkpoint_dir, resume=resume and checkpoint)
         return self.save_pretrained(save_dir, **kwargs)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool | None = None,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        commit_message: str | None = None,
+        create_pr: bool = False,
+        eval_results: Any = None,
+        **save_kwargs: Any,
+    ) -> Any:
+        """Upload model, tokenizer, item index and model card to ``repo_id`` in one commit.
+
+        See :func:`optimum_odllm.hub.push_compressed_to_hub` (returns its ``CommitInfo``).
+        """
+        from .hub import push_compressed_to_hub
+
+        return push_compressed_to_hub(
+            self, repo_id, private=private, revision=revision, token=token, commit_message=commit_message,
+            create_pr=create_pr, eval_results=eval_results, **save_kwargs,
+        )
 
 
 def _module_report(name: str, module: nn.Module, rank: int, singular_values: torch.Tensor, jitter: float) -> ModuleReport:

@@ -108,8 +108,8 @@ class ODLLMConfig(QuantizationConfigMixin):
 
     @property
     def is_compressed(self) -> bool:
-        """True once ``ranks`` holds the result of a compression."""
-        return bool(self.ranks)
+        """True once ``ranks`` holds the result of a compression (or a compression kept every module dense)."""
+        return bool(self.ranks) or getattr(self, "_kept_dense", False)
 
     def to_dict(self) -> dict[str, Any]:
         return {key: value for key, value in self.__dict__.items() if not key.startswith("_")}

@@ -8,16 +8,21 @@ the ``up``/``down`` factors from safetensors like any other weights.
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Any
+
+from safetensors import safe_open
 
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 from transformers.quantizers.base import HfQuantizer
 
 from .configuration import QUANT_METHOD, ODLLMConfig
-from .lowrank import replace_with_lowrank_linear
+from .linalg import check_finite
+from .lowrank import LowRankLinear, replace_with_lowrank_linear
 
 
 if TYPE_CHECKING:
+    import torch
     from transformers import PreTrainedModel
 
 
@@ -36,9 +41,19 @@ class ODLLMHfQuantizer(HfQuantizer):
             )
 
     def _process_model_before_weight_loading(self, model: "PreTrainedModel", **kwargs: Any) -> "PreTrainedModel":
-        return replace_with_lowrank_linear(model, self.quantization_config.ranks)
+        model = replace_with_lowrank_linear(model, self.quantization_config.ranks)
+        # transformers only *warns* about missing/unexpected keys (and re-initializes missing factors
+        # randomly), so we check the factors against the safetensors headers before anything loads.
+        check_checkpoint_factors(model, self.quantization_config.ranks, kwargs.get("checkpoint_files"))
+        return model
 
     def _process_model_after_weight_loading(self, model: "PreTrainedModel", **kwargs: Any) -> "PreTrainedModel":
+        for name, module in model.named_modules():
+            if isinstance(module, LowRankLinear):
+                for part in ("down", "up"):
+                    weight = getattr(module, part).weight
+                    if weight.device.type != "meta":
+                        check_finite(weight, f"loaded factor {name}.{part}.weight")
         return model
 
     @property
@@ -50,8 +65,71 @@ class ODLLMHfQuantizer(HfQuantizer):
     def is_qat_trainable(self) -> bool:
         return True
 
+    @property
+    def is_compileable(self) -> bool:
+        # Plain nn.Linear factors: torch.compile / CUDA graphs (generate's static-cache path) apply as is.
+        return True
+
     def is_serializable(self, safe_serialization: bool = True) -> bool:
         return True
+
+
+_FACTOR_KEY = re.compile(r"^(?P<module>.+)\.(?:down\.weight|up\.weight|up\.bias)$")
+
+
+def check_checkpoint_factors(model: "torch.nn.Module", ranks: dict[str, int], checkpoint_files: Any) -> None:
+    """Raise naming the module if a checkpoint's factors are missing, extra or wrongly shaped.
+
+    Reads only the safetensors headers (no tensor data). Refuses anything but ``.safetensors`` files:
+    OD-LLM checkpoints never need pickle.
+    """
+    if not checkpoint_files:
+        return
+    files = [str(f) for f in checkpoint_files]
+    unsafe = [f for f in files if not f.endswith(".safetensors")]
+    if unsafe:
+        raise ValueError(
+            f"OD-LLM checkpoints are loaded from safetensors only (no pickle), but the weights are in {unsafe[0]}. "
+            "Re-save the model with save_pretrained (safetensors is the default)."
+        )
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in files:
+        with safe_open(file, framework="pt") as handle:
+            for key in handle.keys():
+                shapes[key] = tuple(handle.get_slice(key).get_shape())
+    problems: list[str] = []
+    for name, rank in ranks.items():
+        module = model.get_submodule(name)
+        expected = {
+            f"{name}.down.weight": (rank, module.in_features),
+            f"{name}.up.weight": (module.out_features, rank),
+        }
+        if module.up.bias is not None:
+            expected[f"{name}.up.bias"] = (module.out_features,)
+        for key, shape in expected.items():
+            if key not in shapes:
+                problems.append(f"module '{name}': factor '{key}' is missing from the checkpoint")
+            elif shapes[key] != shape:
+                problems.append(
+                    f"module '{name}': '{key}' has shape {list(shapes[key])}, expected {list(shape)} (rank {rank})"
+                )
+        for key in shapes:
+            if key.startswith(name + ".") and key not in expected:
+                problems.append(f"module '{name}': unexpected tensor '{key}' (a factorized module has only up/down)")
+    own = {key for key, _ in model.named_parameters()}
+    for key in shapes:
+        match = _FACTOR_KEY.match(key)
+        if match and match.group("module") not in ranks and key not in own:
+            problems.append(
+                f"module '{match.group('module')}': the checkpoint has factor '{key}' but "
+                "quantization_config.ranks does not list this module"
+            )
+    if problems:
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise ValueError(
+            "This OD-LLM checkpoint does not match its quantization_config: " + "; ".join(problems[:5]) + more
+            + ". The weights file is damaged or from another compression run: re-save or re-download it."
+        )
 
 
 def register() -> None:

@@ -152,7 +152,7 @@ class ActivationHooks:
                 self.stats.group_of[name] = group
             if group != name:
                 return  # another module already handled this very tensor
-            check_finite(x, f"input activations of {name}")
+            check_finite(x, f"input activations of {self.layer_name}{name}")
             if self.mode == "record":
                 self.recorded[group] = x.detach()
             else:

@@ -41,6 +41,22 @@ def check_finite(tensor: torch.Tensor, what: str) -> None:
         )
 
 
+def _gram(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``a^T b`` accumulated in ``dtype``.
+
+    On CUDA, half-precision activations take the tensor-core path with a float32 result
+    (``torch.mm(..., out_dtype=float32)``): products of bf16/fp16 numbers are exact in float32, so
+    this matches upcasting first while running at half-precision speed. The per-batch float32 sum
+    is then added to the (float64 by default) running total by the caller.
+    """
+    if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16) and b.dtype == a.dtype:
+        try:
+            return torch.mm(a.T, b, out_dtype=torch.float32).to(dtype)
+        except (RuntimeError, TypeError):  # older torch without mm(out_dtype=...)
+            pass
+    return a.to(dtype).T @ b.to(dtype)
+
+
 def accumulate_covariance(
     covariance: torch.Tensor | None,
     inputs: torch.Tensor,
@@ -55,8 +71,7 @@ def accumulate_covariance(
     x = inputs.reshape(-1, inputs.shape[-1])
     if token_mask is not None:
         x = x[token_mask.reshape(-1).to(x.device)]
-    x = x.to(dtype)
-    update = x.T @ x
+    update = _gram(x, x, dtype)
     return update if covariance is None else covariance.add_(update)
 
 
@@ -73,7 +88,7 @@ def accumulate_cross_covariance(
     if token_mask is not None:
         keep = token_mask.reshape(-1).to(x.device)
         x, r = x[keep], r[keep.to(r.device)]
-    update = x.to(dtype).T @ r.to(dtype=dtype, device=x.device)
+    update = _gram(x, r.to(x.device), dtype)
     return update if cross is None else cross.add_(update)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 
 class LowRankLinear(nn.Module):
@@ -83,7 +84,7 @@ def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def replace_with_lowrank_linear(model: nn.Module, ranks: dict[str, int]) -> nn.Module:
-    """Swap every ``nn.Linear`` named in ``ranks`` for an (uninitialized) ``LowRankLinear`` of that rank.
+    """Swap every ``nn.Linear`` (or GPT-2 ``Conv1D``) named in ``ranks`` for an (uninitialized) ``LowRankLinear``.
 
     Called by the transformers quantizer on the meta-device skeleton before weights load, like
     ``replace_with_vptq_linear``. Raises if a named module is missing or is not an ``nn.Linear``, so a
@@ -98,11 +99,24 @@ def replace_with_lowrank_linear(model: nn.Module, ranks: dict[str, int]) -> nn.M
                 "The checkpoint's config.json does not match its architecture."
             )
         if isinstance(linear, LowRankLinear):
+            if linear.rank != rank:
+                raise ValueError(f"module '{name}' already is a LowRankLinear of rank {linear.rank}, config says {rank}.")
             continue
-        if not isinstance(linear, nn.Linear):
-            raise ValueError(f"module '{name}' is a {type(linear).__name__}, expected nn.Linear to factorize.")
+        if isinstance(linear, nn.Linear):
+            in_features, out_features = linear.in_features, linear.out_features
+        elif isinstance(linear, Conv1D):  # GPT-2 style: weight stored as [in, out]
+            in_features, out_features = linear.weight.shape
+        else:
+            raise ValueError(
+                f"module '{name}' is a {type(linear).__name__}, expected nn.Linear (or GPT-2's Conv1D) to factorize."
+            )
+        if not 1 <= rank < min(in_features, out_features) + 1:
+            raise ValueError(
+                f"quantization_config.ranks['{name}'] = {rank} is not in [1, {min(in_features, out_features)}] "
+                f"for a {out_features}x{in_features} weight."
+            )
         replacement = LowRankLinear(
-            linear.in_features, linear.out_features, rank, bias=linear.bias is not None,
+            in_features, out_features, rank, bias=linear.bias is not None,
             device=linear.weight.device, dtype=linear.weight.dtype,
         )
         set_submodule(model, name, replacement)

@@ -1,0 +1,122 @@
+"""Shared pieces of the benchmark scripts: model builders, timers, and table/JSON output."""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from optimum_odllm.lowrank import LowRankLinear, replace_with_lowrank_linear  # noqa: E402
+from optimum_odllm.ranks import ModuleShape, allocate_ranks  # noqa: E402
+
+LLAMA_7B = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32, vocab_size=32000)
+
+
+def llama_model(layers: int, dtype: torch.dtype, device: str, seed: int = 0, **shape: Any) -> nn.Module:
+    """A Llama-shaped causal LM with random N(0, 0.02) weights (timing does not depend on the values)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(num_hidden_layers=layers, max_position_embeddings=4096, **{**LLAMA_7B, **shape})
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(dtype)
+    return model.eval()
+
+
+def decoder_linear_shapes(model: nn.Module) -> list[ModuleShape]:
+    return [
+        ModuleShape(name, module.in_features, module.out_features)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and ".layers." in name
+    ]
+
+
+def lowrank_like(model: nn.Module, ratio: float, rank_multiple: int = 128, seed: int = 1) -> dict[str, int]:
+    """Swap the decoder Linears of ``model`` (in place) for random low-rank factors at ``ratio``.
+
+    For speed measurements only: the shapes are exactly those OD-LLM produces at this ratio.
+    """
+    ranks = {k: v for k, v in allocate_ranks(decoder_linear_shapes(model), ratio, rank_multiple).items() if v}
+    dtype = next(model.parameters()).dtype
+    device = next(model.parameters()).device
+    replace_with_lowrank_linear(model, ranks)
+    torch.manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, LowRankLinear):
+            module.to(device=device, dtype=dtype)
+            for p in module.parameters():
+                nn.init.normal_(p, std=0.02)
+    return ranks
+
+
+def median_time(fn: Callable[[], Any], warmup: int = 3, repeat: int = 10, cuda: bool | None = None) -> float:
+    """Median wall seconds of ``fn`` (CUDA-synchronized when on GPU)."""
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def machine_info() -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_threads": torch.get_num_threads(),
+    }
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+        try:
+            info["driver"] = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True
+            ).stdout.strip()
+        except OSError:
+            pass
+    return info
+
+
+def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    def fmt(value: Any) -> str:
+        if isinstance(value, float):
+            return f"{value:.4g}"
+        return "" if value is None else str(value)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(row.get(c)) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_json(path: str | Path, payload: dict[str, Any]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str))
+    tmp.replace(path)

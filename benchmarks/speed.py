@@ -1,0 +1,197 @@
+"""Inference speed of an OD-LLM low-rank model against the dense model, measured side by side.
+
+Builds a Llama-shaped model (7B shape by default; random weights, since timing does not depend on
+values), and its low-rank twin with exactly the ranks OD-LLM allocates at ``--ratio``. Measures:
+
+* ``micro``: one decoder layer's seven projections (dense GEMMs vs two low-rank GEMMs each);
+* ``prefill``: full forward over a prompt, per batch size and length;
+* ``decode``: per-token latency through ``generate`` (eager with a dynamic cache, and, on CUDA,
+  the static-cache + ``torch.compile`` path that captures CUDA graphs), at batch 1 and 32;
+* every timing for three variants: ``dense``, ``lowrank`` (two GEMMs per projection) and ``fused``
+  (:func:`optimum_odllm.fused.fuse_shared_inputs`: one shared ``down`` GEMM for q/k/v and gate/up);
+* peak memory of each model.
+
+Prints a markdown table and writes JSON. Example (GPU)::
+
+    python benchmarks/speed.py --device cuda --layers 32 --out benchmarks/results/speed_gpu.json
+
+and on this 2-core CPU (a smaller Llama)::
+
+    python benchmarks/speed.py --device cpu --layers 4 --hidden 1024 --intermediate 2816 --heads 16 --vocab 8000 \
+        --prefill 1x128,8x128 --decode-batches 1,8 --decode-tokens 16 --no-compile --out benchmarks/results/speed_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+from typing import Any
+
+import torch
+
+from common import (
+    decoder_linear_shapes,
+    llama_model,
+    lowrank_like,
+    machine_info,
+    markdown_table,
+    median_time,
+    write_json,
+)
+from optimum_odllm.fused import fuse_shared_inputs
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, help="bfloat16 on CUDA, float32 on CPU by default")
+    p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--hidden", type=int, default=4096)
+    p.add_argument("--intermediate", type=int, default=11008)
+    p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--ratio", type=float, default=0.5)
+    p.add_argument("--rank-multiple", type=int, default=128)
+    p.add_argument("--micro-tokens", default="1,64,512,4096", help="token counts for the per-layer GEMM micro-benchmark")
+    p.add_argument("--prefill", default="1x128,1x512,1x2048,32x128", help="BATCHxLEN prompts for prefill timing")
+    p.add_argument("--decode-batches", default="1,32")
+    p.add_argument("--decode-prompt", type=int, default=64)
+    p.add_argument("--decode-tokens", type=int, default=64)
+    p.add_argument("--no-compile", action="store_true", help="skip the static-cache + torch.compile decode path")
+    p.add_argument("--repeat", type=int, default=10)
+    p.add_argument("--out", default="benchmarks/results/speed.json")
+    return p.parse_args()
+
+
+@torch.no_grad()
+def micro_layer(dense_layer: torch.nn.Module, lowrank_layer: torch.nn.Module, tokens: int, device: str, dtype: torch.dtype, repeat: int) -> dict[str, Any]:
+    """Time the 7 projections of one layer; check the low-rank result against an fp64 reference."""
+    names = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+    d_mods = [dense_layer.get_submodule(n) for n in names]
+    l_mods = [lowrank_layer.get_submodule(n) for n in names]
+    inputs = [torch.randn(tokens, m.in_features, device=device, dtype=dtype) for m in d_mods]
+    # correctness of the low-rank forward (bf16 operands: relative error ~1e-3..1e-2)
+    m, x = l_mods[0], inputs[0]
+    ref = x.double() @ (m.up.weight.double() @ m.down.weight.double()).T
+    rel = float((m(x).double() - ref).norm() / ref.norm())
+    assert rel < 2e-2, f"low-rank forward is wrong (relative error {rel})"
+    t_dense = median_time(lambda: [mod(x) for mod, x in zip(d_mods, inputs)], repeat=repeat)
+    t_low = median_time(lambda: [mod(x) for mod, x in zip(l_mods, inputs)], repeat=repeat)
+    return {"tokens": tokens, "dense_ms": 1e3 * t_dense, "lowrank_ms": 1e3 * t_low, "speedup": t_dense / t_low, "rel_error": rel}
+
+
+@torch.no_grad()
+def prefill(model: torch.nn.Module, batch: int, length: int, vocab: int, device: str, repeat: int) -> float:
+    ids = torch.randint(3, vocab, (batch, length), device=device)
+    return median_time(lambda: model(input_ids=ids, use_cache=False, logits_to_keep=1), repeat=repeat)
+
+
+@torch.no_grad()
+def decode_latency(model: torch.nn.Module, batch: int, prompt: int, tokens: int, vocab: int, device: str, compiled: bool, repeat: int) -> float:
+    """Seconds per generated token: (time for N tokens - time for 1 token) / (N - 1)."""
+    ids = torch.randint(3, vocab, (batch, prompt), device=device)
+    kwargs: dict[str, Any] = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+    if compiled:
+        kwargs["cache_implementation"] = "static"
+    else:
+        kwargs["disable_compile"] = True
+
+    def run(n: int):
+        return model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kwargs)
+
+    reps = max(3, repeat // 2)
+    t_n = median_time(lambda: run(tokens), warmup=2, repeat=reps)
+    t_1 = median_time(lambda: run(1), warmup=1, repeat=reps)
+    return (t_n - t_1) / (tokens - 1)
+
+
+def peak_memory_reset(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory(device: str) -> float | None:
+    return torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
+
+
+def main() -> None:
+    args = parse_args()
+    device = args.device
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    shape = dict(hidden_size=args.hidden, intermediate_size=args.intermediate, num_attention_heads=args.heads,
+                 num_key_value_heads=args.heads, vocab_size=args.vocab)
+    results: dict[str, Any] = {"machine": machine_info(), "args": vars(args), "micro": [], "prefill": [], "decode": []}
+
+    dense = llama_model(args.layers, dtype, device, **shape)
+    lowrank = copy.deepcopy(dense)
+    ranks = lowrank_like(lowrank, args.ratio, args.rank_multiple)
+    fused = copy.deepcopy(lowrank)
+    fused_groups = fuse_shared_inputs(fused)
+    variants = [("dense", dense), ("lowrank", lowrank), ("fused", fused)]
+    targets = sum(s.dense_params for s in decoder_linear_shapes(dense))
+    kept = sum(p.numel() for n, p in lowrank.named_parameters() if ".layers." in n and (".up." in n or ".down." in n))
+    results["params"] = {
+        "dense": sum(p.numel() for p in dense.parameters()),
+        "lowrank": sum(p.numel() for p in lowrank.parameters()),
+        "targeted_kept_ratio": kept / targets,
+        "ranks": sorted(set(ranks.values())),
+        "fused_groups": fused_groups,
+    }
+    print(f"dense {results['params']['dense']:,} params, low-rank {results['params']['lowrank']:,} "
+          f"(targeted kept ratio {kept / targets:.3f}); device {device}, dtype {dtype}")
+
+    for tokens in [int(t) for t in args.micro_tokens.split(",") if t]:
+        row = micro_layer(dense.model.layers[0], lowrank.model.layers[0], tokens, device, dtype, args.repeat)
+        results["micro"].append(row)
+        print("micro", row)
+        write_json(args.out, results)
+
+    for spec in [s for s in args.prefill.split(",") if s]:
+        batch, length = (int(v) for v in spec.split("x"))
+        row: dict[str, Any] = {"batch": batch, "length": length}
+        for label, model in variants:
+            peak_memory_reset(device)
+            row[f"{label}_ms"] = 1e3 * prefill(model, batch, length, args.vocab, device, args.repeat)
+            row[f"{label}_peak_gib"] = peak_memory(device)
+        row["speedup"] = row["dense_ms"] / row["lowrank_ms"]
+        row["fused_speedup"] = row["dense_ms"] / row["fused_ms"]
+        results["prefill"].append(row)
+        print("prefill", row)
+        write_json(args.out, results)
+
+    modes = [False] + ([True] if device.startswith("cuda") and not args.no_compile else [])
+    for compiled in modes:
+        for batch in [int(b) for b in args.decode_batches.split(",") if b]:
+            row = {"batch": batch, "mode": "static+compile" if compiled else "eager"}
+            for label, model in variants:
+                try:
+                    peak_memory_reset(device)
+                    row[f"{label}_ms_per_token"] = 1e3 * decode_latency(
+                        model, batch, args.decode_prompt, args.decode_tokens, args.vocab, device, compiled, args.repeat
+                    )
+                    row[f"{label}_peak_gib"] = peak_memory(device)
+                except Exception as err:  # report, don't hide: the table shows the failure
+                    row[f"{label}_error"] = f"{type(err).__name__}: {str(err)[:300]}"
+                    print(f"decode {label} failed: {row[f'{label}_error']}")
+                gc.collect()
+            for label in ("lowrank", "fused"):
+                if "dense_ms_per_token" in row and f"{label}_ms_per_token" in row:
+                    key = "speedup" if label == "lowrank" else "fused_speedup"
+                    row[key] = row["dense_ms_per_token"] / row[f"{label}_ms_per_token"]
+            results["decode"].append(row)
+            print("decode", row)
+            write_json(args.out, results)
+
+    print()
+    print(markdown_table(results["micro"], ["tokens", "dense_ms", "lowrank_ms", "speedup"]))
+    print()
+    print(markdown_table(results["prefill"], ["batch", "length", "dense_ms", "lowrank_ms", "fused_ms", "speedup", "fused_speedup", "dense_peak_gib", "lowrank_peak_gib"]))
+    print()
+    print(markdown_table(results["decode"], ["mode", "batch", "dense_ms_per_token", "lowrank_ms_per_token", "fused_ms_per_token", "speedup", "fused_speedup", "dense_peak_gib", "lowrank_peak_gib"]))
+    write_json(args.out, results)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,215 @@
+"""Train an LC-Rec-style recommender on MovieLens-100K, compress it with OD-LLM, and compare ranking quality.
+
+    python examples/ml100k_end_to_end.py --output-dir runs/ml100k           # default run (< 30 min, 2-core CPU)
+    python examples/ml100k_end_to_end.py --output-dir runs/smoke --quick    # smoke run (< 3 min)
+
+Writes ``DIR/results.json`` (popularity, dense and every compressed variant: HR@1/5/10, NDCG@5/10,
+params), ``DIR/results.md`` (table) and ``DIR/quality_vs_ratio.png``; the dense and the OD-LLM@0.5
+models are saved under ``DIR/dense`` and ``DIR/odllm-0.5`` with their ``item_index.json``.
+Needs MovieLens-100K from the recbole wheel: ``pip install --no-deps recbole==1.2.1`` (or ``--data-path``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers.utils import logging
+
+from optimum_odllm import ODLLMCompressor, ODLLMConfig, count_parameters
+from optimum_odllm.recsys import (
+    PACKED_SEQREC_TEMPLATE,
+    InstructionEncoder,
+    build_instruction_samples,
+    build_item_index,
+    build_offline_model,
+    build_offline_tokenizer,
+    evaluate_popularity,
+    evaluate_recommender,
+    leave_one_out,
+    load_movielens_100k,
+    train_recommender,
+)
+from optimum_odllm.recsys.instructions import packed_sequences
+
+
+logger = logging.get_logger("optimum_odllm.examples.ml100k")
+METRICS = ("HR@1", "HR@5", "HR@10", "NDCG@5", "NDCG@10")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--data-path", default=None, help="ml-100k directory or recbole .whl (default: installed recbole)")
+    p.add_argument("--quick", action="store_true", help="smoke run: tiny model, 1 epoch, 200 test users")
+    p.add_argument("--history", type=int, default=20)
+    p.add_argument("--levels", type=int, default=3)
+    p.add_argument("--codebook-size", type=int, default=64)
+    p.add_argument("--hidden-size", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--epochs", type=float, default=12)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--beams", type=int, default=20)
+    p.add_argument("--ratios", type=float, nargs="+", default=[0.5], help="OD-LLM kept ratios to evaluate")
+    p.add_argument("--ablation-ratio", type=float, default=0.5, help="ratio of the no-whitening/no-progressive/SVD runs")
+    p.add_argument("--calibration-samples", type=int, default=256)
+    p.add_argument("--max-eval-users", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.hidden_size, args.layers, args.epochs, args.codebook_size = 64, 2, 1, 32
+        args.max_eval_users = args.max_eval_users or 200
+        args.calibration_samples = 64
+    return args
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def variants(args) -> list[tuple[str, ODLLMConfig]]:
+    """OD-LLM at every requested ratio, plus the ablations at ``--ablation-ratio``."""
+    common = {"rank_multiple": 8, "num_calibration_samples": args.calibration_samples, "min_calibration_tokens": 16}
+    out = [(f"odllm@{r:g}", ODLLMConfig(ratio=r, **common)) for r in args.ratios]
+    r = args.ablation_ratio
+    out += [
+        (f"odllm-no-whitening@{r:g}", ODLLMConfig(ratio=r, whitening=False, **common)),
+        (f"odllm-no-progressive@{r:g}", ODLLMConfig(ratio=r, progressive=False, **common)),
+        (f"svd@{r:g}", ODLLMConfig(ratio=r, whitening=False, progressive=False, **common)),
+    ]
+    return out
+
+
+def write_table(results: dict, path: Path) -> None:
+    lines = ["| model | kept ratio | params | " + " | ".join(METRICS) + " |",
+             "|---|---|---|" + "---|" * len(METRICS)]
+    for name, r in results.items():
+        if not isinstance(r, dict) or "HR@10" not in r:
+            continue
+        ratio = r.get("ratio", "")
+        params = f"{r['params']:,}" if "params" in r else ""
+        lines.append(f"| {name} | {ratio} | {params} | " + " | ".join(f"{r[m]:.4f}" for m in METRICS) + " |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def write_plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.axhline(results["popularity"]["NDCG@10"], color="gray", ls=":", label="most popular")
+    ax.scatter([1.0], [results["dense"]["NDCG@10"]], color="black", marker="*", s=120, label="dense", zorder=3)
+    families: dict[str, list[tuple[float, float]]] = {}
+    for name, r in results.items():
+        if "@" in name and isinstance(r, dict) and "ratio" in r:
+            families.setdefault(name.split("@")[0], []).append((r["ratio"], r["NDCG@10"]))
+    for family, pts in families.items():
+        pts = sorted(pts + ([(1.0, results["dense"]["NDCG@10"])] if family == "odllm" else []))
+        ax.plot(*zip(*pts), marker="o", label=family)
+    ax.set_xlabel("kept ratio of decoder-layer parameters")
+    ax.set_ylabel("NDCG@10 (test users)")
+    ax.set_title(f"{results['dataset']}: quality vs kept ratio")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    logging.set_verbosity_info()
+    torch.set_num_threads(args.threads)
+    seed_everything(args.seed)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    timings = {}
+
+    data = load_movielens_100k(args.data_path)
+    split = leave_one_out(data.sequences, history=args.history)
+    test = split.test[: args.max_eval_users] if args.max_eval_users else split.test
+    logger.info(f"{data.name}: {data.n_users} users, {data.n_items} items, {data.n_interactions} interactions")
+
+    index = build_item_index(data.item_text, data.item_ids, levels=args.levels, codebook_size=args.codebook_size,
+                             steps=300 if args.quick else 1500, seed=args.seed)
+    tokenizer = build_offline_tokenizer(data.item_text, index)
+    encoder = InstructionEncoder(tokenizer, index, data.item_text)
+    samples = build_instruction_samples(encoder, split.train, tasks=("seqrec", "item2index"), history=args.history,
+                                        packed=True, short=True, seed=args.seed)
+    timings["indexing_s"] = round(time.time() - t0, 1)
+
+    model = build_offline_model(tokenizer, hidden_size=args.hidden_size, num_layers=args.layers,
+                                num_heads=args.heads, seed=args.seed)
+    logger.info(f"training {count_parameters(model):,}-parameter Llama on {len(samples)} samples")
+    t = time.time()
+    model = train_recommender(model, tokenizer, samples, out / "trainer", epochs=args.epochs, learning_rate=args.lr,
+                              batch_size=args.batch_size, seed=args.seed, disable_tqdm=args.quick)
+    timings["training_s"] = round(time.time() - t, 1)
+    model.eval()
+    dense_dir = out / "dense"
+    model.save_pretrained(dense_dir)
+    tokenizer.save_pretrained(dense_dir)
+    index.save(dense_dir)
+
+    results: dict = {"dataset": data.name, "users": data.n_users, "items": data.n_items,
+                     "interactions": data.n_interactions, "eval_users": len(test), "beams": args.beams,
+                     "index": {"levels": index.levels, "codebook_size": args.codebook_size,
+                               "collisions_before_repair": index.collisions_before}}
+    results["popularity"] = evaluate_popularity(split.train, test, exclude_history=False)
+    results["popularity-unseen"] = evaluate_popularity(split.train, test, exclude_history=True)
+    t = time.time()
+    evaluate = lambda m: evaluate_recommender(m, encoder, test, PACKED_SEQREC_TEMPLATE, num_beams=args.beams)  # noqa: E731
+    results["dense"] = {**evaluate(model), "params": count_parameters(model), "ratio": 1.0}
+    timings["eval_dense_s"] = round(time.time() - t, 1)
+    logger.info(f"dense: {results['dense']}")
+
+    # calibration: packed training sequences (the model's real input distribution), never test targets
+    rng = random.Random(args.seed)
+    chunks = packed_sequences(split.train, args.history)
+    calibration = [encoder.prompt_ids(PACKED_SEQREC_TEMPLATE, c) for c in rng.sample(chunks, args.calibration_samples)]
+    for name, cfg in variants(args):
+        t = time.time()
+        compressed = copy.deepcopy(model)
+        compressor = ODLLMCompressor.from_pretrained(compressed, config=cfg, tokenizer=tokenizer)
+        compressed = compressor.compress(calibration)
+        compress_s = time.time() - t
+        results[name] = {**evaluate(compressed), "params": count_parameters(compressed), "ratio": cfg.ratio,
+                         "whitening": cfg.whitening, "progressive": cfg.progressive,
+                         "compress_s": round(compress_s, 1)}
+        logger.info(f"{name}: {results[name]}")
+        if name == f"odllm@{args.ablation_ratio:g}":
+            compressor.save_pretrained(out / f"odllm-{args.ablation_ratio:g}")
+            tokenizer.save_pretrained(out / f"odllm-{args.ablation_ratio:g}")
+            index.save(out / f"odllm-{args.ablation_ratio:g}")
+        del compressed, compressor
+
+    dense = results["dense"]
+    for name, r in list(results.items()):
+        if isinstance(r, dict) and "ratio" in r and name != "dense" and dense["NDCG@10"] > 0:
+            r["NDCG@10_kept"] = round(r["NDCG@10"] / dense["NDCG@10"], 4)
+    timings["total_s"] = round(time.time() - t0, 1)
+    results["timings"] = timings
+    results["settings"] = {k: v for k, v in vars(args).items()}
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    write_table(results, out / "results.md")
+    write_plot(results, out / "quality_vs_ratio.png")
+    print((out / "results.md").read_text())
+    print(f"wrote {out / 'results.json'} in {timings['total_s']:.0f}s")
+    return results
+
+
+if __name__ == "__main__":
+    main()

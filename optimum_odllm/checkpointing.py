@@ -1,0 +1,232 @@
+"""Per-layer checkpoints of a compression run, so an interrupted run resumes where it stopped.
+
+After decoder layer ``k`` is compressed, :class:`LayerCheckpointer` writes (each file atomically:
+temporary name, ``fsync``, ``os.replace``):
+
+* ``layer-0000k.safetensors``: the ``down.weight``/``up.weight`` factors of that layer's modules,
+  exactly as they sit in the model (so restoring them is bit-identical);
+* ``state-0000k.safetensors``: the hidden states the next layer needs (the original model's
+  ``reference.<batch>`` stream and, with progressive alignment, the ``drifted.<batch>`` stream);
+* ``manifest.json`` last: fingerprints of the settings, calibration data and model, the number of
+  completed layers, and the per-module reports. The manifest only ever points at complete files, so
+  a kill at any moment leaves either the previous or the new consistent state.
+
+Only safetensors and JSON are read back: no pickle, nothing executable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from transformers.utils import logging
+
+
+logger = logging.get_logger(__name__)
+
+CHECKPOINT_DIRNAME = ".odllm_checkpoint"
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+
+#: ODLLMConfig settings that change the result (``ranks`` and provenance extras are not inputs).
+FINGERPRINT_SETTINGS = (
+    "ratio", "whitening", "progressive", "target_modules", "modules_to_not_convert", "rank_multiple",
+    "num_calibration_samples", "calibration_seq_len", "min_calibration_tokens", "calibration_batch_size",
+    "covariance_dtype", "solver_dtype", "svd_driver",
+)
+
+
+class CheckpointError(ValueError):
+    """A resume checkpoint is unreadable or was made with different settings, data or model."""
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> bytes:
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    return flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
+
+
+def hash_tensors(*tensors: torch.Tensor) -> str:
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        digest.update(f"{tuple(tensor.shape)}|{tensor.dtype}|".encode())
+        digest.update(_tensor_bytes(tensor))
+    return digest.hexdigest()
+
+
+def settings_fingerprint(config: Any) -> str:
+    settings = {key: getattr(config, key, None) for key in FINGERPRINT_SETTINGS}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+def model_fingerprint(model: torch.nn.Module, targets: dict[str, torch.nn.Module], ranks: dict[str, int | None]) -> str:
+    """Architecture, dtype, target shapes/ranks and a sample of the weights (cheap even for 7B models)."""
+    digest = hashlib.sha256()
+    digest.update(type(model).__name__.encode())
+    for name, module in targets.items():
+        weight = module.weight
+        digest.update(f"{name}|{tuple(weight.shape)}|{weight.dtype}|{ranks.get(name)}|".encode())
+        digest.update(_tensor_bytes(weight[0]))
+        digest.update(_tensor_bytes(weight[-1]))
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if embeddings is not None and getattr(embeddings, "weight", None) is not None:
+        digest.update(_tensor_bytes(embeddings.weight))
+    return digest.hexdigest()
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # pragma: no cover - e.g. Windows
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    _fsync_dir(path.parent)
+
+
+@dataclass
+class ResumeState:
+    """What a checkpoint restores: factors of layers ``0..completed_layers-1`` and the streams for the next one."""
+
+    completed_layers: int
+    factors: dict[str, torch.Tensor]
+    modules: list[dict[str, Any]]
+    reference: list[torch.Tensor]
+    drifted: list[torch.Tensor] | None
+
+
+class LayerCheckpointer:
+    """Writes and reads the per-layer checkpoint in ``directory`` for one run identified by ``fingerprint``."""
+
+    def __init__(self, directory: str | os.PathLike, fingerprint: dict[str, Any]):
+        self.directory = Path(directory)
+        self.fingerprint = dict(fingerprint)
+        self._manifest: dict[str, Any] | None = None
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.directory / MANIFEST
+
+    def exists(self) -> bool:
+        return self.manifest_path.exists()
+
+    def _fail(self, problem: str) -> CheckpointError:
+        return CheckpointError(
+            f"Cannot resume from the checkpoint in {self.directory}: {problem}. "
+            f"Delete {self.directory} or pass resume=False to start over."
+        )
+
+    def read_manifest(self) -> dict[str, Any]:
+        """The validated manifest; raises :class:`CheckpointError` naming the problem."""
+        try:
+            manifest = json.loads(self.manifest_path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise self._fail(f"{MANIFEST} is unreadable ({type(err).__name__}: {err})") from None
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION:
+            raise self._fail(f"{MANIFEST} is not an OD-LLM checkpoint manifest of format {FORMAT_VERSION}")
+        saved = manifest.get("fingerprint")
+        if not isinstance(saved, dict):
+            raise self._fail(f"{MANIFEST} has no fingerprint")
+        different = sorted(k for k in set(saved) | set(self.fingerprint) if saved.get(k) != self.fingerprint.get(k))
+        if different:
+            raise self._fail(
+                f"it was made with different {', '.join(different)} (checkpoint was made with different settings/data)"
+            )
+        layers = manifest.get("layers")
+        completed = manifest.get("completed_layers")
+        if (
+            not isinstance(layers, list)
+            or isinstance(completed, bool)
+            or not isinstance(completed, int)
+            or completed != len(layers)
+            or completed < 1
+            or not all(isinstance(entry, dict) and isinstance(entry.get("file"), str) and isinstance(entry.get("modules"), list) for entry in layers)
+            or not isinstance(manifest.get("state_file"), str)
+        ):
+            raise self._fail(f"{MANIFEST} is malformed")
+        return manifest
+
+    def _load(self, file_name: str) -> dict[str, torch.Tensor]:
+        path = self.directory / file_name
+        if Path(file_name).name != file_name or not file_name.endswith(".safetensors"):
+            raise self._fail(f"{MANIFEST} names an invalid file {file_name!r}")
+        try:
+            return load_file(path)
+        except (OSError, SafetensorError, ValueError) as err:
+            raise self._fail(f"{file_name} is unreadable ({type(err).__name__}: {err})") from None
+
+    def load(self, num_batches: int) -> ResumeState:
+        """Everything needed to continue after the last completed layer."""
+        manifest = self.read_manifest()
+        self._manifest = manifest
+        factors: dict[str, torch.Tensor] = {}
+        modules: list[dict[str, Any]] = []
+        for entry in manifest["layers"]:
+            factors.update(self._load(entry["file"]))
+            modules.extend(entry["modules"])
+        state = self._load(manifest["state_file"])
+        try:
+            reference = [state[f"reference.{b}"] for b in range(num_batches)]
+            drifted = [state[f"drifted.{b}"] for b in range(num_batches)] if "drifted.0" in state else None
+        except KeyError as err:
+            raise self._fail(f"{manifest['state_file']} lacks hidden states {err}") from None
+        return ResumeState(manifest["completed_layers"], factors, modules, reference, drifted)
+
+    def save_layer(
+        self,
+        index: int,
+        factors: dict[str, torch.Tensor],
+        modules: list[dict[str, Any]],
+        reference: list[torch.Tensor],
+        drifted: list[torch.Tensor] | None,
+    ) -> None:
+        """Record that layers ``0..index`` are done (factors of layer ``index`` + streams for layer ``index+1``)."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        if self._manifest is None:
+            # index > 0 without load(): continue the manifest on disk (it holds layers 0..index-1)
+            self._manifest = self.read_manifest() if index > 0 else {
+                "format": FORMAT_VERSION, "fingerprint": self.fingerprint, "layers": []
+            }
+        layer_file = f"layer-{index:05d}.safetensors"
+        state_file = f"state-{index:05d}.safetensors"
+        tensors = {name: t.detach().to("cpu").contiguous() for name, t in factors.items()}
+        _atomic_write(self.directory / layer_file, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+        state = {f"reference.{b}": h.detach().to("cpu").contiguous() for b, h in enumerate(reference)}
+        if drifted is not None:
+            state.update({f"drifted.{b}": h.detach().to("cpu").contiguous() for b, h in enumerate(drifted)})
+        _atomic_write(self.directory / state_file, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+        previous_state = self._manifest.get("state_file")
+        self._manifest["layers"] = self._manifest["layers"][:index] + [{"index": index, "file": layer_file, "modules": modules}]
+        self._manifest["completed_layers"] = index + 1
+        self._manifest["state_file"] = state_file
+        text = json.dumps(self._manifest, indent=1)
+        _atomic_write(self.manifest_path, lambda p: p.write_text(text))
+        if previous_state and previous_state != state_file:
+            (self.directory / previous_state).unlink(missing_ok=True)
+
+    def clear(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)
+        self._manifest = None

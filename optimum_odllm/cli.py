@@ -1,0 +1,352 @@
+"""``optimum-cli odllm compress|evaluate|train`` (and the ``optimum-odllm`` console-script fallback).
+
+Argument definitions live in :mod:`optimum_odllm.cli_options` (stdlib only, so ``optimum-cli`` stays
+fast); this module does the work and is imported only when a command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from transformers.utils import logging
+
+from .cli_options import build_parser
+
+
+logger = logging.get_logger("optimum_odllm.cli")
+
+METRIC_ORDER = ("HR@1", "HR@5", "HR@10", "NDCG@5", "NDCG@10")
+
+
+class CLIError(SystemExit):
+    """A user error: printed as ``error: ...`` without a traceback, exit status 2."""
+
+    def __init__(self, message: str):
+        super().__init__(2)
+        self.message = message
+
+
+def _setup_logging() -> None:
+    logging.set_verbosity_info()
+    logging.enable_progress_bar()
+
+
+# ---------------------------------------------------------------------------------------------- data
+def load_rec_dataset(dataset: str, data_path: str | None = None, items: str | None = None):
+    """``ml-100k`` | ``amazon:REVIEWS`` | an interaction table path -> :class:`~optimum_odllm.recsys.RecDataset`."""
+    from .recsys import load_amazon_reviews, load_interactions_table, load_movielens_100k
+
+    if dataset.lower() in ("ml-100k", "ml100k", "movielens-100k"):
+        return load_movielens_100k(data_path)
+    if dataset.startswith("amazon:"):
+        return load_amazon_reviews(dataset.split(":", 1)[1], meta=items)
+    if Path(dataset).is_file():
+        return load_interactions_table(dataset, items=items)
+    raise CLIError(
+        f"unknown --dataset {dataset!r}: use 'ml-100k', 'amazon:PATH/reviews.json.gz' or an existing "
+        "CSV/TSV/JSON(L)/Parquet interaction table."
+    )
+
+
+def _recsys_context(model_dir: str | Path, tokenizer: Any, args: argparse.Namespace):
+    """Dataset, leave-one-out split, item index (from ``model_dir``) and instruction encoder."""
+    from .recsys import INDEX_FILE, InstructionEncoder, ItemIndex, leave_one_out
+
+    if not args.dataset:
+        raise CLIError("this needs the recommender's data: pass --dataset (e.g. --dataset ml-100k).")
+    index_path = _resolve_file(str(model_dir), INDEX_FILE, getattr(args, "revision", None), getattr(args, "token", None))
+    if index_path is None:
+        raise CLIError(
+            f"{model_dir} has no {INDEX_FILE}: it is not a recommender trained with optimum_odllm.recsys. "
+            "Train one with `optimum-cli odllm train` or use another --calibration source."
+        )
+    index = ItemIndex.load(index_path)
+    data = load_rec_dataset(args.dataset, args.data_path, args.items)
+    if index.item_ids and list(index.item_ids) != list(data.item_ids):
+        raise CLIError(
+            f"the item index in {model_dir} was built for another item catalogue than --dataset {args.dataset} "
+            f"({len(index.item_ids)} vs {len(data.item_ids)} items): evaluate on the data the model was trained on."
+        )
+    split = leave_one_out(data.sequences, history=args.history)
+    encoder = InstructionEncoder(tokenizer, index, data.item_text)
+    return data, split, index, encoder
+
+
+def _resolve_file(model: str, filename: str, revision: str | None = None, token: str | None = None) -> Path | None:
+    local = Path(model)
+    if local.is_dir():
+        return local / filename if (local / filename).is_file() else None
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return Path(hf_hub_download(model, filename, revision=revision, token=token))
+    except Exception as err:  # offline, missing file, no such repo
+        logger.info(f"could not fetch {filename} from {model}: {err}")
+        return None
+
+
+def load_calibration(args: argparse.Namespace, model_path: str, tokenizer: Any) -> tuple[Any, str | None]:
+    """The ``--calibration`` source as something ``ODLLMCompressor.compress`` accepts, plus a description."""
+    spec = args.calibration
+    n = args.num_samples
+    if spec.lower() == "none":
+        if not (args.no_whitening and args.no_progressive):
+            raise CLIError("--calibration none (data-free) only works with --no-whitening --no-progressive.")
+        return None, None
+    if spec.lower() == "recsys":
+        from .recsys import PACKED_SEQREC_TEMPLATE
+        from .recsys.instructions import packed_sequences
+
+        if tokenizer is None:
+            raise CLIError(f"{model_path} has no tokenizer files; the recommender's data cannot be encoded.")
+        data, split, _, encoder = _recsys_context(model_path, tokenizer, args)
+        chunks = packed_sequences(split.train, args.history)
+        rng = random.Random(args.seed)
+        chosen = rng.sample(chunks, min(n, len(chunks)))
+        ids = [encoder.prompt_ids(PACKED_SEQREC_TEMPLATE, c) for c in logging.tqdm(chosen, desc="calibration prompts")]
+        return ids, f"{data.name} training sequences (recsys, {len(ids)} sampled, seed {args.seed})"
+    path = Path(spec)
+    if path.is_file() and path.suffix.lower() in (".txt", ".text"):
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not lines:
+            raise CLIError(f"calibration file {spec} has no non-empty lines.")
+        return lines[:n], f"text file {path.name} ({min(n, len(lines))} lines)"
+    import datasets
+
+    if path.is_dir():
+        ds = datasets.load_from_disk(str(path))
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds[args.dataset_split]
+        desc = f"dataset directory {path.name}"
+    elif path.is_file():
+        fmt = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}.get(path.suffix.lower())
+        if fmt is None:
+            raise CLIError(f"cannot read calibration file {spec}: use .txt, .csv, .tsv, .json, .jsonl or .parquet.")
+        kwargs = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
+        ds = datasets.load_dataset(fmt, data_files=str(path), split="train", **kwargs)
+        desc = f"file {path.name}"
+    else:
+        try:
+            stream = datasets.load_dataset(spec, args.dataset_config, split=args.dataset_split, streaming=True)
+            ds = datasets.Dataset.from_list(list(stream.take(n)))
+        except Exception as err:
+            raise CLIError(
+                f"could not load calibration dataset {spec!r} ({type(err).__name__}: {err}). Give a local file, "
+                "a datasets directory, 'recsys' or a Hub dataset name reachable from this machine."
+            ) from err
+        desc = f"Hub dataset {spec}" + (f" ({args.dataset_config})" if args.dataset_config else "") + f", split {args.dataset_split}"
+    if "input_ids" not in ds.column_names:
+        if args.text_column not in ds.column_names:
+            raise CLIError(f"calibration data has no column {args.text_column!r} (columns: {ds.column_names}); use --text-column.")
+        if args.text_column != "text":
+            ds = ds.rename_column(args.text_column, "text")
+    ds = ds.select(range(min(n, len(ds))))
+    return ds, f"{desc}, {len(ds)} sequences"
+
+
+# ---------------------------------------------------------------------------------------------- compress
+def run_compress(args: argparse.Namespace) -> Path:
+    """Load, compress, save (and optionally push)."""
+    import torch
+
+    from . import ODLLMCompressor, ODLLMConfig
+
+    config = ODLLMConfig(
+        ratio=args.ratio, whitening=not args.no_whitening, progressive=not args.no_progressive,
+        target_modules=args.target_modules, rank_multiple=args.rank_multiple, num_calibration_samples=args.num_samples,
+        calibration_seq_len=args.seq_len, min_calibration_tokens=args.min_calibration_tokens,
+    )
+    model_kwargs: dict[str, Any] = {}
+    if args.dtype:
+        model_kwargs["dtype"] = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
+    if args.revision and not args.push_to_hub:
+        model_kwargs["revision"] = args.revision
+    logger.info(f"Loading {args.model}")
+    compressor = ODLLMCompressor.from_pretrained(args.model, config=config, **model_kwargs)
+    calibration, description = load_calibration(args, args.model, compressor.tokenizer)
+    compressor.calibration_source = description
+    if compressor.tokenizer is not None and getattr(compressor.tokenizer, "pad_token", None) is None:
+        compressor.tokenizer.pad_token = compressor.tokenizer.eos_token
+    compressor.compress(calibration, device=args.device)
+    report = compressor.report
+    out = compressor.save_pretrained(args.output)
+    print(
+        f"Compressed {args.model} -> {out}: {report.params_before:,} -> {report.params_after:,} parameters "
+        f"(kept {report.kept_ratio:.3f} of the targeted ones) in {sum(report.stage_seconds.values()):.1f}s."
+    )
+    if args.push_to_hub:
+        info = compressor.push_to_hub(args.push_to_hub, private=args.private or None, revision=args.revision, token=args.token)
+        print(f"Pushed to {getattr(info, 'commit_url', args.push_to_hub)}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- evaluate
+def format_metrics_table(results: dict[str, dict[str, float]]) -> str:
+    """Markdown table: one row per model/dataset, HR@K/NDCG@K columns."""
+    metrics = [m for m in METRIC_ORDER if any(m in r for r in results.values())]
+    metrics += sorted({m for r in results.values() for m in r if m not in metrics and m != "users"})
+    lines = ["| model | users | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
+    for name, r in results.items():
+        cells = [f"{r[m]:.4f}" if m in r else "-" for m in metrics]
+        lines.append(f"| {name} | {r.get('users', '')} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _device(requested: str | None):
+    import torch
+
+    return torch.device(requested or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def run_evaluate(args: argparse.Namespace) -> dict[str, float]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import optimum_odllm  # noqa: F401  (registers the odllm loader)
+
+    from .recsys import PACKED_SEQREC_TEMPLATE, SEQREC_TEMPLATES, evaluate_recommender
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    data, split, _, encoder = _recsys_context(args.model, tokenizer, args)
+    examples = split.test if args.split == "test" else split.valid
+    if args.max_users:
+        examples = examples[: args.max_users]
+    if not examples:
+        raise CLIError(f"{data.name} has no {args.split} users (every user needs >= 3 interactions).")
+    model = AutoModelForCausalLM.from_pretrained(args.model).to(_device(args.device))
+    template = PACKED_SEQREC_TEMPLATE if args.template == "packed" else SEQREC_TEMPLATES[0]
+    metrics = evaluate_recommender(model, encoder, examples, template, num_beams=args.beams, batch_size=args.batch_size)
+    print(format_metrics_table({f"{Path(args.model).name} on {data.name} ({args.split})": {**metrics, "users": len(examples)}}))
+    if args.output_json:
+        Path(args.output_json).write_text(json.dumps({"model": args.model, "dataset": data.name, "split": args.split,
+                                                       "users": len(examples), **metrics}, indent=2))
+    if args.update_card:
+        card = Path(args.model) / "README.md"
+        if not card.is_file():
+            raise CLIError(f"--update-card needs a local model directory with a README.md; {card} does not exist.")
+        from .modelcard import update_card_eval_results
+
+        update_card_eval_results(card, {data.name: {k: v for k, v in metrics.items() if "@" in k}}, split=args.split)
+        print(f"Updated the model-index of {card}")
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------- train
+def run_train(args: argparse.Namespace) -> Path:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import optimum_odllm  # noqa: F401
+
+    from .configuration import ODLLMConfig
+    from .recsys import (
+        INDEX_FILE, InstructionEncoder, ItemIndex, build_instruction_samples, build_item_index, build_offline_model,
+        build_offline_tokenizer, leave_one_out, load_base_model, train_recommender,
+    )
+    from .training import (
+        CompressAtEndCallback, apply_lora_to_factors, lowrank_modules, mark_factors_trainable, merge_lora,
+        sample_calibration,
+    )
+    from .utils import atomic_directory
+
+    torch.manual_seed(args.seed)
+    data = load_rec_dataset(args.dataset, args.data_path, args.items)
+    split = leave_one_out(data.sequences, history=args.history)
+    logger.info(f"{data.name}: {data.n_users} users, {data.n_items} items, {data.n_interactions} interactions")
+    model_dir = Path(args.model) if args.model else None
+    if model_dir is not None and (model_dir / INDEX_FILE).is_file():
+        index = ItemIndex.load(model_dir)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+        if index.item_ids and list(index.item_ids) != list(data.item_ids):
+            raise CLIError(f"{model_dir}/{INDEX_FILE} was built for another item catalogue than --dataset {args.dataset}.")
+    else:
+        index = build_item_index(data.item_text, data.item_ids, levels=args.levels, codebook_size=args.codebook_size,
+                                 steps=args.index_steps, seed=args.seed)
+        if args.model:
+            model, tokenizer = load_base_model(args.model, index)
+        else:
+            tokenizer = build_offline_tokenizer(data.item_text, index)
+            model = build_offline_model(tokenizer, hidden_size=args.hidden_size, num_layers=args.layers,
+                                        num_heads=args.heads, seed=args.seed)
+    encoder = InstructionEncoder(tokenizer, index, data.item_text)
+    packed = args.model is None or (model_dir is not None and (model_dir / INDEX_FILE).is_file())
+    samples = build_instruction_samples(encoder, split.train, tasks=args.tasks, history=args.history, packed=packed,
+                                        short=packed, seed=args.seed)
+    compressed = bool(lowrank_modules(model))
+    if args.lora and not compressed:
+        raise CLIError("--lora is for recovery fine-tuning of an OD-LLM-compressed --model; this model has no factors.")
+    if compressed:
+        if args.compress_ratio is not None:
+            raise CLIError("--compress-ratio needs a dense model: this one is already OD-LLM-compressed.")
+        if args.lora:
+            model = apply_lora_to_factors(model, r=args.lora_r)
+        else:
+            mark_factors_trainable(model, train_others=args.train_all)
+    callbacks = []
+    if args.compress_ratio is not None:
+        config = ODLLMConfig(ratio=args.compress_ratio, rank_multiple=args.rank_multiple,
+                             num_calibration_samples=args.calibration_samples, min_calibration_tokens=16)
+        callbacks.append(CompressAtEndCallback(config, sample_calibration(samples, args.calibration_samples, args.seed),
+                                               tokenizer=tokenizer))
+    logger.info(f"Training on {len(samples)} samples ({'recovery of a compressed model' if compressed else 'dense'})")
+    model = train_recommender(model, tokenizer, samples, Path(args.output) / "trainer", epochs=args.epochs,
+                              learning_rate=args.lr, batch_size=args.batch_size, seed=args.seed, max_steps=args.max_steps,
+                              callbacks=callbacks)
+    model = merge_lora(model)
+    model.eval()
+    output = Path(args.output) / "model"
+    if callbacks and callbacks[0].compressor is not None:
+        compressor = callbacks[0].compressor
+        compressor.item_index_file = None
+        compressor.calibration_source = f"{data.name} training samples ({args.calibration_samples} sampled)"
+        with atomic_directory(output) as tmp:
+            index.save(tmp)
+            compressor.item_index_file = tmp / INDEX_FILE
+        compressor.save_pretrained(output)
+        compressor.item_index_file = None
+    else:
+        with atomic_directory(output) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            index.save(tmp)
+    print(f"Saved the trained recommender to {output}")
+    if args.push_to_hub:
+        from .hub import push_folder_to_hub
+
+        info = push_folder_to_hub(output, args.push_to_hub, private=args.private or None, revision=args.revision,
+                                  token=args.token, commit_message="Upload recommender trained with optimum-odllm")
+        print(f"Pushed to {getattr(info, 'commit_url', args.push_to_hub)}")
+    return output
+
+
+COMMANDS = {"compress": run_compress, "evaluate": run_evaluate, "train": run_train}
+
+
+def run_command(name: str, args: argparse.Namespace) -> Any:
+    """Run one subcommand; user errors print ``error: ...`` and exit with status 2."""
+    _setup_logging()
+    try:
+        return COMMANDS[name](args)
+    except CLIError as err:
+        print(f"error: {err.message}", file=sys.stderr)
+        raise
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console script ``optimum-odllm`` (same commands as ``optimum-cli odllm``)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 1
+    run_command(args.command, args)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

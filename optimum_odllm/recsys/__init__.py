@@ -1,0 +1,44 @@
+"""LLM-based sequential recommendation (LC-Rec style) to judge OD-LLM compression on ranking quality.
+
+Modules, one idea each: :mod:`.data` (loaders, leave-one-out split), :mod:`.indexing` (RQ-VAE
+semantic item codes), :mod:`.instructions` (task templates, index tokens), :mod:`.training`
+(``Trainer`` recipe), :mod:`.trie` (prefix trie, constrained beam search), :mod:`.metrics`
+(HR@K/NDCG@K) and :mod:`.evaluation` (model and popularity evaluation).
+"""
+
+from .data import (
+    DEFAULT_HISTORY,
+    Example,
+    LeaveOneOutSplit,
+    MalformedDataError,
+    RecDataset,
+    build_dataset,
+    leave_one_out,
+    load_amazon_reviews,
+    load_interactions_table,
+    load_movielens_100k,
+    training_examples,
+)
+from .evaluation import evaluate_popularity, evaluate_recommender, popularity_rankings, recommend
+from .indexing import INDEX_FILE, ItemIndex, RQVAE, build_item_index, embed_items, make_unique
+from .instructions import (
+    PACKED_SEQREC_TEMPLATE,
+    SEQREC_TEMPLATES,
+    InstructionEncoder,
+    Template,
+    add_index_tokens,
+    build_instruction_samples,
+)
+from .metrics import ranking_metrics
+from .training import build_offline_model, build_offline_tokenizer, load_base_model, train_recommender
+from .trie import PrefixTrie, constrained_beam_search
+
+__all__ = [
+    "DEFAULT_HISTORY", "Example", "INDEX_FILE", "InstructionEncoder", "ItemIndex", "LeaveOneOutSplit",
+    "MalformedDataError", "PACKED_SEQREC_TEMPLATE", "PrefixTrie", "RQVAE", "RecDataset", "SEQREC_TEMPLATES",
+    "Template", "add_index_tokens", "build_dataset", "build_instruction_samples", "build_item_index",
+    "build_offline_model", "build_offline_tokenizer", "constrained_beam_search", "embed_items",
+    "evaluate_popularity", "evaluate_recommender", "leave_one_out", "load_amazon_reviews",
+    "load_base_model", "load_interactions_table", "load_movielens_100k", "make_unique",
+    "popularity_rankings", "ranking_metrics", "recommend", "train_recommender", "training_examples",
+]

@@ -124,7 +124,9 @@ def prepare_calibration(
                         f"Calibration attention_mask row {row} must be 0/1 values of the same length as its input_ids."
                     )
                 rows.append([t for t, m in zip(seq, seq_mask) if m])
-            data = rows
+            if len(rows) and not any(rows):
+                raise ValueError("Calibration data has only padding tokens (attention_mask is all 0); give sequences with real text.")
+            data = [row for row in rows if row]  # rows that are all padding carry no information
 
     if isinstance(data, torch.Tensor):
         if data.dim() != 2 or data.dtype not in (torch.int64, torch.int32):

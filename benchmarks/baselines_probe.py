@@ -1,28 +1,27 @@
-"""Probe: GPTQ W4A16 and SparseGPT 50% on a tiny LlamaForCausalLM on CPU via llm-compressor.
+"""Probe: GPTQ 4-bit and SparseGPT 50% on a tiny LlamaForCausalLM on CPU. See BASELINES_NOTES.md.
 
-Needs its OWN venv (llmcompressor 0.14.0.1 pins transformers<=5.17.0, main venv has 5.23):
+--lib llmcompressor (default): GPTQ W4A16(_ASYM) + SparseGPT 50% via oneshot. Needs its OWN venv
+  (llmcompressor 0.14.0.1 pins transformers<=5.17.0; main venv has 5.23):
     python3 -m venv /tmp/venv-baselines && . /tmp/venv-baselines/bin/activate
     pip install torch==2.13.0 llmcompressor==0.14.0.1     # -> transformers 5.17.0, compressed-tensors 0.19.0
-Run:  python benchmarks/baselines_probe.py [--hidden 256 --layers 4 --out /tmp/baselines_probe]
+--lib gptqmodel: GPTQ only (no SparseGPT in gptqmodel), real CPU int4 kernel; works with transformers 5.23:
+    pip install torch==2.13.0 transformers==5.23.0 optimum==2.3.0 gptqmodel==7.6.0   # 7.7.0 needs torch>=2.14.1
+    export GPTQMODEL_CPU_WORKERS=2   # else on a 2-core box: "Virtual pool 'model_loader:cpu' requests 2 workers..."
+Run:  python benchmarks/baselines_probe.py [--lib gptqmodel] [--hidden 256 --layers 4 --out /tmp/baselines_probe]
 """
 import argparse, os, time, torch
-from datasets import Dataset
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
-from llmcompressor import oneshot
-from llmcompressor.modifiers.quantization import GPTQModifier
-from llmcompressor.modifiers.pruning import SparseGPTModifier
 
 p = argparse.ArgumentParser()
 p.add_argument("--hidden", type=int, default=256); p.add_argument("--layers", type=int, default=4)
 p.add_argument("--nsamples", type=int, default=16); p.add_argument("--seqlen", type=int, default=128)
 p.add_argument("--scheme", default="W4A16_ASYM", help="W4A16 (sym) or W4A16_ASYM (asym zero-point); both group 128")
+p.add_argument("--lib", default="llmcompressor", choices=["llmcompressor", "gptqmodel"])
 p.add_argument("--out", default="/tmp/baselines_probe"); a = p.parse_args()
 torch.manual_seed(0)
 cfg = LlamaConfig(vocab_size=1024, hidden_size=a.hidden, intermediate_size=2 * a.hidden, num_hidden_layers=a.layers,
                   num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512, tie_word_embeddings=False)
-# random token calibration data (pre-tokenized: oneshot skips the tokenizer when "input_ids" is present)
-calib = Dataset.from_dict({"input_ids": torch.randint(0, cfg.vocab_size, (a.nsamples, a.seqlen)).tolist(),
-                           "attention_mask": [[1] * a.seqlen] * a.nsamples})
+ids = torch.randint(0, cfg.vocab_size, (a.nsamples, a.seqlen)).tolist()  # random-token calibration data
 x = torch.randint(0, cfg.vocab_size, (1, 64))
 # oneshot insists on a processor when a dataset is given: a tiny offline word-level tokenizer is enough
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -34,13 +33,33 @@ tok = PreTrainedTokenizerFast(tokenizer_object=_tk, unk_token="t0", pad_token="t
 def bench(m, tag):
     m.eval()
     with torch.no_grad():
-        m(x); t = time.perf_counter()
+        for _ in range(3): m(x)
+        t = time.perf_counter()
         for _ in range(10): logits = m(x).logits
         fwd = (time.perf_counter() - t) / 10
         t = time.perf_counter(); g = m.generate(x[:, :8], max_new_tokens=16, do_sample=False); gen = time.perf_counter() - t
     print(f"[{tag}] fwd(1x64) {fwd*1e3:.1f} ms  generate16 {gen*1e3:.0f} ms  out={g[0, 8:12].tolist()}")
     return logits
 
+if a.lib == "gptqmodel":
+    from gptqmodel import GPTQModel, QuantizeConfig, BACKEND
+    d0 = os.path.join(a.out, "dense"); LlamaForCausalLM(cfg).save_pretrained(d0); tok.save_pretrained(d0)
+    ref = bench(AutoModelForCausalLM.from_pretrained(d0, dtype=torch.float32), "gptqmodel/dense")
+    m = GPTQModel.load(d0, QuantizeConfig(bits=4, group_size=128, sym=a.scheme == "W4A16", desc_act=False, damp_percent=0.01), device="cpu")
+    t = time.perf_counter(); m.quantize([{"input_ids": r, "attention_mask": [1] * a.seqlen} for r in ids], tokenizer=tok)
+    print(f"[gptqmodel] quantize took {time.perf_counter() - t:.1f} s"); d = os.path.join(a.out, "gptqmodel_w4"); m.save(d)
+    # gptq_torch_aten: aten._weight_int4pack_mm_for_cpu (real int4 GEMM, bf16 act); "torch" = dequantize + matmul
+    q = GPTQModel.load(d, device="cpu", backend=BACKEND("gptq_torch_aten")).model  # or AutoModelForCausalLM.from_pretrained(d)
+    print(f"[gptqmodel] qlinear: {type(q.model.layers[0].mlp.down_proj).__name__}")
+    out = bench(q, "gptqmodel/gptq_torch_aten")
+    print(f"[gptqmodel] rel.err logits vs dense {((out.float() - ref).norm() / ref.norm()).item():.4f}")
+    raise SystemExit
+from datasets import Dataset
+from llmcompressor import oneshot
+from llmcompressor.modifiers.quantization import GPTQModifier
+from llmcompressor.modifiers.pruning import SparseGPTModifier
+# pre-tokenized: oneshot skips tokenizing when "input_ids" is present (but still wants a processor object)
+calib = Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * a.seqlen] * a.nsamples})
 recipes = {"gptq_w4a16": GPTQModifier(targets="Linear", scheme=a.scheme, ignore=["lm_head"], dampening_frac=0.01, block_size=128),
            "sparsegpt_50": SparseGPTModifier(sparsity=0.5, mask_structure="0:0", targets=["Linear"], ignore=["re:.*lm_head"])}  # plain "lm_head" is NOT matched here
 for name, recipe in recipes.items():

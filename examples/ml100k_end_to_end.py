@@ -47,14 +47,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output-dir", required=True)
     p.add_argument("--data-path", default=None, help="ml-100k directory or recbole .whl (default: installed recbole)")
-    p.add_argument("--quick", action="store_true", help="smoke run: tiny model, 1 epoch, 200 test users")
+    p.add_argument("--quick", action="store_true", help="smoke run (< 3 min): tiny model, half an epoch, 200 test users")
     p.add_argument("--history", type=int, default=20)
     p.add_argument("--levels", type=int, default=3)
     p.add_argument("--codebook-size", type=int, default=64)
     p.add_argument("--hidden-size", type=int, default=256)
-    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--layers", type=int, default=2)
     p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--epochs", type=float, default=12)
+    p.add_argument("--epochs", type=float, default=6)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--beams", type=int, default=20)
@@ -66,7 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     if args.quick:
-        args.hidden_size, args.layers, args.epochs, args.codebook_size = 64, 2, 1, 32
+        args.hidden_size, args.layers, args.epochs, args.codebook_size = 64, 2, 0.5, 32
         args.max_eval_users = args.max_eval_users or 200
         args.calibration_samples = 64
     return args

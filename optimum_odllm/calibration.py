@@ -55,8 +55,30 @@ def _token_list(seq: Any, row: int) -> list[int]:
             raise ValueError(
                 f"Calibration sequence {row} contains {value!r} ({type(value).__name__}); token ids must be integers."
             )
+        if not 0 <= value < 2**62:
+            raise ValueError(
+                f"Calibration sequence {row} contains token id {value}; token ids are in [0, vocabulary size)."
+            )
         out.append(int(value))
     return out
+
+
+def _masked(seq: Any, seq_mask: Any, row: int) -> list[int]:
+    """The tokens of one sequence whose attention mask is 1."""
+    seq, seq_mask = _token_list(seq, row), _token_list(seq_mask, row)
+    if len(seq) != len(seq_mask) or any(m not in (0, 1) for m in seq_mask):
+        raise ValueError(f"Calibration attention_mask row {row} must be 0/1 values of the same length as its input_ids.")
+    return [t for t, m in zip(seq, seq_mask) if m]
+
+
+def _rows(value: Any, what: str) -> list:
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 2:
+            raise ValueError(f"Calibration '{what}' must be a 2-D tensor [N, L], got shape {tuple(value.shape)}.")
+        return list(value)
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    raise ValueError(f"Calibration '{what}' must be a 2-D tensor or a list of sequences, got {type(value).__name__}.")
 
 
 def _from_token_lists(sequences: Sequence[Sequence[int]], pad_token_id: int) -> CalibrationBatch:
@@ -114,16 +136,10 @@ def prepare_calibration(
         if given_mask is None:
             data = ids
         else:
-            if isinstance(ids, torch.Tensor) != isinstance(given_mask, torch.Tensor) or len(ids) != len(given_mask):
-                raise ValueError("Calibration 'attention_mask' must have the same form and number of rows as 'input_ids'.")
-            rows = []
-            for row, (seq, seq_mask) in enumerate(zip(ids, given_mask)):
-                seq, seq_mask = _token_list(seq, row), _token_list(seq_mask, row)
-                if len(seq) != len(seq_mask) or any(m not in (0, 1) for m in seq_mask):
-                    raise ValueError(
-                        f"Calibration attention_mask row {row} must be 0/1 values of the same length as its input_ids."
-                    )
-                rows.append([t for t, m in zip(seq, seq_mask) if m])
+            ids, given_mask = _rows(ids, "input_ids"), _rows(given_mask, "attention_mask")
+            if len(ids) != len(given_mask):
+                raise ValueError("Calibration 'attention_mask' must have as many rows as 'input_ids'.")
+            rows = [_masked(seq, seq_mask, row) for row, (seq, seq_mask) in enumerate(zip(ids, given_mask))]
             if len(rows) and not any(rows):
                 raise ValueError("Calibration data has only padding tokens (attention_mask is all 0); give sequences with real text.")
             data = [row for row in rows if row]  # rows that are all padding carry no information
@@ -164,6 +180,17 @@ def prepare_calibration(
         data = list(data)[:num_samples]
         if len(data) == 0:
             raise ValueError("Calibration data is empty. Pass e.g. ~256 representative sequences to compress().")
+        if all(isinstance(item, Mapping) for item in data):  # [{"input_ids": [...], "attention_mask": [...]}, ...]
+            if not all("input_ids" in item for item in data):
+                raise ValueError("Each calibration sample dict needs an 'input_ids' entry (like a tokenizer's output).")
+            data = [
+                _masked(item["input_ids"], item["attention_mask"], row) if item.get("attention_mask") is not None
+                else _token_list(item["input_ids"], row)
+                for row, item in enumerate(data)
+            ]
+            if not any(len(seq) for seq in data):
+                raise ValueError("Calibration data has only padding tokens (attention_mask is all 0); give sequences with real text.")
+            data = [seq for seq in data if len(seq)]
         if all(isinstance(item, str) for item in data):
             data = _tokenize(data, tokenizer, max_length)
         elif any(isinstance(item, str) for item in data):

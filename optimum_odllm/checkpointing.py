@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -214,9 +213,16 @@ class LayerCheckpointer:
         state_file = f"state-{index:05d}.safetensors"
         tensors = {name: t.detach().to("cpu").contiguous() for name, t in factors.items()}
         _atomic_write(self.directory / layer_file, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
-        state = {f"reference.{b}": h.detach().to("cpu").contiguous() for b, h in enumerate(reference)}
-        if drifted is not None:
-            state.update({f"drifted.{b}": h.detach().to("cpu").contiguous() for b, h in enumerate(drifted)})
+        state: dict[str, torch.Tensor] = {}
+        seen: set[int] = set()
+        streams = [("reference", reference)] + ([("drifted", drifted)] if drifted is not None else [])
+        for stream, hidden in streams:
+            for b, h in enumerate(hidden):
+                h = h.detach().to("cpu").contiguous()
+                if h.data_ptr() in seen:  # safetensors refuses shared storage: store a copy
+                    h = h.clone()
+                seen.add(h.data_ptr())
+                state[f"{stream}.{b}"] = h
         _atomic_write(self.directory / state_file, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
         previous_state = self._manifest.get("state_file")
         self._manifest["layers"] = self._manifest["layers"][:index] + [{"index": index, "file": layer_file, "modules": modules}]
@@ -228,5 +234,21 @@ class LayerCheckpointer:
             (self.directory / previous_state).unlink(missing_ok=True)
 
     def clear(self) -> None:
-        shutil.rmtree(self.directory, ignore_errors=True)
+        remove_checkpoint(self.directory)
         self._manifest = None
+
+
+def remove_checkpoint(directory: str | os.PathLike) -> None:
+    """Delete the checkpoint files in ``directory`` (only ours), then the directory itself if it is empty."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return
+    for path in directory.iterdir():
+        name = path.name.lstrip(".")
+        ours = name.startswith((MANIFEST, "layer-", "state-")) and (".safetensors" in name or name.startswith(MANIFEST))
+        if ours and path.is_file():
+            path.unlink(missing_ok=True)
+    try:
+        directory.rmdir()
+    except OSError:
+        pass  # the user keeps other files there

@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -220,7 +222,7 @@ def run_evaluate(args: argparse.Namespace) -> dict[str, float]:
     model = AutoModelForCausalLM.from_pretrained(args.model).to(_device(args.device))
     template = PACKED_SEQREC_TEMPLATE if args.template == "packed" else SEQREC_TEMPLATES[0]
     metrics = evaluate_recommender(model, encoder, examples, template, num_beams=args.beams, batch_size=args.batch_size)
-    print(format_metrics_table({f"{Path(args.model).name} on {data.name} ({args.split})": {**metrics, "users": len(examples)}}))
+    print(format_metrics_table({f"{args.model} on {data.name} ({args.split})": {**metrics, "users": len(examples)}}))
     if args.output_json:
         Path(args.output_json).write_text(json.dumps({"model": args.model, "dataset": data.name, "split": args.split,
                                                        "users": len(examples), **metrics}, indent=2))
@@ -247,10 +249,8 @@ def run_train(args: argparse.Namespace) -> Path:
         INDEX_FILE, InstructionEncoder, ItemIndex, build_instruction_samples, build_item_index, build_offline_model,
         build_offline_tokenizer, leave_one_out, load_base_model, train_recommender,
     )
-    from .training import (
-        CompressAtEndCallback, apply_lora_to_factors, lowrank_modules, mark_factors_trainable, merge_lora,
-        sample_calibration,
-    )
+    from .compressor import ODLLMCompressor
+    from .training import apply_lora_to_factors, lowrank_modules, mark_factors_trainable, merge_lora, sample_calibration
     from .utils import atomic_directory
 
     torch.manual_seed(args.seed)
@@ -287,33 +287,38 @@ def run_train(args: argparse.Namespace) -> Path:
             model = apply_lora_to_factors(model, r=args.lora_r)
         else:
             mark_factors_trainable(model, train_others=args.train_all)
-    callbacks = []
-    if args.compress_ratio is not None:
-        config = ODLLMConfig(ratio=args.compress_ratio, rank_multiple=args.rank_multiple,
-                             num_calibration_samples=args.calibration_samples, min_calibration_tokens=16)
-        callbacks.append(CompressAtEndCallback(config, sample_calibration(samples, args.calibration_samples, args.seed),
-                                               tokenizer=tokenizer))
+    probe = sample_calibration(samples, 64, args.seed)
+    before = _mean_loss(model, tokenizer, probe) if compressed else None
     logger.info(f"Training on {len(samples)} samples ({'recovery of a compressed model' if compressed else 'dense'})")
     model = train_recommender(model, tokenizer, samples, Path(args.output) / "trainer", epochs=args.epochs,
-                              learning_rate=args.lr, batch_size=args.batch_size, seed=args.seed, max_steps=args.max_steps,
-                              callbacks=callbacks)
+                              learning_rate=args.lr, batch_size=args.batch_size, seed=args.seed, max_steps=args.max_steps)
     model = merge_lora(model)
     model.eval()
+    if compressed:
+        after = _mean_loss(model, tokenizer, probe)
+        print(f"Recovery fine-tuning: training-sample loss {before:.4f} -> {after:.4f}")
+        if after > before:
+            logger.warning(
+                "Recovery fine-tuning made the training loss worse. Low-rank factors fitted on little calibration "
+                "data can be ill-conditioned off the calibration distribution (look for a huge grad_norm in the "
+                "first logs): lower --lr, use --lora, or compress again with more/more varied calibration data."
+            )
     output = Path(args.output) / "model"
-    if callbacks and callbacks[0].compressor is not None:
-        compressor = callbacks[0].compressor
-        compressor.item_index_file = None
-        compressor.calibration_source = f"{data.name} training samples ({args.calibration_samples} sampled)"
-        with atomic_directory(output) as tmp:
-            index.save(tmp)
-            compressor.item_index_file = tmp / INDEX_FILE
-        compressor.save_pretrained(output)
-        compressor.item_index_file = None
-    else:
-        with atomic_directory(output) as tmp:
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            index.save(tmp)
+    with tempfile.TemporaryDirectory() as tmp_index:
+        index_file = index.save(tmp_index)
+        if args.compress_ratio is not None:
+            config = ODLLMConfig(ratio=args.compress_ratio, rank_multiple=args.rank_multiple,
+                                 num_calibration_samples=args.calibration_samples, min_calibration_tokens=16)
+            compressor = ODLLMCompressor(model, config=config, tokenizer=tokenizer)
+            compressor.compress(sample_calibration(samples, args.calibration_samples, args.seed))
+            compressor.calibration_source = f"{data.name} training samples ({compressor.report.num_calibration_samples} sampled)"
+            compressor.item_index_file = index_file
+            compressor.save_pretrained(output)
+        else:
+            with atomic_directory(output) as tmp:
+                model.save_pretrained(tmp)
+                tokenizer.save_pretrained(tmp)
+                shutil.copyfile(index_file, tmp / INDEX_FILE)
     print(f"Saved the trained recommender to {output}")
     if args.push_to_hub:
         from .hub import push_folder_to_hub
@@ -322,6 +327,22 @@ def run_train(args: argparse.Namespace) -> Path:
                                   token=args.token, commit_message="Upload recommender trained with optimum-odllm")
         print(f"Pushed to {getattr(info, 'commit_url', args.push_to_hub)}")
     return output
+
+
+def _mean_loss(model, tokenizer, sequences: list[list[int]]) -> float:
+    """Mean next-token loss on a few training sequences (a cheap check that recovery helped)."""
+    import torch
+
+    from .recsys.training import PadCollator
+
+    was_training = model.training
+    model.eval()
+    batch = PadCollator(tokenizer.pad_token_id)([{"input_ids": s, "labels": s} for s in sequences])
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        loss = float(model(**{k: v.to(device) for k, v in batch.items()}).loss)
+    model.train(was_training)
+    return loss
 
 
 COMMANDS = {"compress": run_compress, "evaluate": run_evaluate, "train": run_train}

@@ -14,7 +14,6 @@ Stages, one decoder layer at a time (so memory holds one layer's activations, as
 from __future__ import annotations
 
 import copy
-import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -35,6 +34,7 @@ from .checkpointing import (
     ResumeState,
     hash_tensors,
     model_fingerprint,
+    remove_checkpoint,
     settings_fingerprint,
 )
 from .configuration import QUANT_METHOD, ODLLMConfig
@@ -174,10 +174,17 @@ class ODLLMCompressor(OptimumQuantizer):
                 f"This model is already quantized with '{method}'. OD-LLM factorizes dense float weights: "
                 "load the unquantized checkpoint and compress that."
             )
-        if any(isinstance(m, LowRankLinear) for m in model.modules()):
+        ours = sorted({type(m).__name__ for m in model.modules() if type(m).__module__.startswith("optimum_odllm.")})
+        if ours:  # LowRankLinear, or the fused inference modules built from it
             raise ValueError(
-                "This model already contains LowRankLinear modules (OD-LLM-compressed). Compress the original "
+                f"This model already contains {', '.join(ours)} modules (OD-LLM-compressed). Compress the original "
                 "dense model instead."
+            )
+        adapters = sorted({type(m).__name__ for m in model.modules() if type(m).__module__.startswith("peft.")})
+        if adapters:
+            raise ValueError(
+                f"This model carries peft adapters ({', '.join(adapters[:3])}). Merge them first "
+                "(model = model.merge_and_unload()) and compress the merged dense model."
             )
         layers_name, _ = find_decoder_layers(model)
         cfg = self.config
@@ -209,7 +216,15 @@ class ODLLMCompressor(OptimumQuantizer):
                 f"'{layers_name}' to compress (after target_modules/modules_to_not_convert)."
             )
         for name, module in found.items():
-            check_finite(linear_weight(module), f"weight of {name}")
+            weight = linear_weight(module)
+            if weight.device.type == "meta":
+                raise ValueError(
+                    f"The weight of {name} is on the meta device (offloaded or not loaded). Load the whole model "
+                    "into memory (no disk offload in device_map) before compressing."
+                )
+            if not weight.is_floating_point():
+                raise ValueError(f"The weight of {name} has dtype {weight.dtype}; OD-LLM needs float weights.")
+            check_finite(weight, f"weight of {name}")
         return found
 
     def _validate_item_index(self) -> None:
@@ -259,8 +274,8 @@ class ODLLMCompressor(OptimumQuantizer):
 
         Args:
             calibration_dataset: LongTensor ``[N, L]``, list of token-id lists, list of strings, a
-                tokenizer output (``{"input_ids", "attention_mask"}``) or a ``datasets.Dataset`` with
-                ``input_ids``/``text`` (first ``num_calibration_samples`` used).
+                tokenizer output (``{"input_ids", "attention_mask"}``, or a list of such per-sample dicts) or a
+                ``datasets.Dataset`` with ``input_ids``/``text`` (first ``num_calibration_samples`` used).
             device: where each layer is processed (default: CUDA if available, else the model's device).
                 The model itself stays where it is; layers visit ``device`` one at a time.
             checkpoint_dir: if set, after every decoder layer the factors and the hidden states needed to
@@ -284,6 +299,17 @@ class ODLLMCompressor(OptimumQuantizer):
 
         shapes = [ModuleShape(n, *linear_shape(m)) for n, m in targets.items()]
         ranks = allocate_ranks(shapes, cfg.ratio, cfg.rank_multiple)
+        for shape in shapes:  # never store a factorization that is not smaller than the dense weight
+            rank = ranks[shape.name]
+            if rank is not None and shape.lowrank_params(rank) >= shape.dense_params:
+                ranks[shape.name] = None
+        widest = max(shapes, key=lambda s: s.in_features)
+        if calibration is not None and calibration.num_tokens < widest.in_features:
+            logger.warning(
+                f"OD-LLM: the calibration data has {calibration.num_tokens} non-padding tokens, fewer than the "
+                f"{widest.in_features} inputs of {widest.name}: its input covariance is singular and will be "
+                "regularized with jitter. Use more calibration data for a faithful compression."
+            )
         checkpointer = None
         if checkpoint_dir is not None and calibration is not None:
             checkpointer = LayerCheckpointer(
@@ -488,6 +514,11 @@ class ODLLMCompressor(OptimumQuantizer):
         solver = _DTYPES[cfg.solver_dtype]
         weight = linear_weight(module).detach().to(device=covariance.device, dtype=solver)
         covariance = covariance.to(solver)
+        if cross is not None and cfg.alignment_damping > 0:
+            # Ridge term of the least-squares alignment: without it, directions the calibration data
+            # barely covers get huge gains (exploding gradients and poor generalization off-sample).
+            damping = cfg.alignment_damping * float(covariance.diagonal().mean())
+            covariance = covariance + damping * torch.eye(covariance.shape[0], dtype=solver, device=covariance.device)
         with timer("cholesky"):
             chol = robust_cholesky(covariance, name=f"input covariance of {name}")
         jitter = chol.jitter
@@ -532,7 +563,7 @@ class ODLLMCompressor(OptimumQuantizer):
             self._write_extras(tmp)
         checkpoint_dir = getattr(self, "_checkpoint_dir", None)
         if checkpoint_dir is not None:
-            shutil.rmtree(checkpoint_dir, ignore_errors=True)
+            remove_checkpoint(checkpoint_dir)  # only our files: the directory may be shared
             self._checkpoint_dir = None
         logger.info(f"Saved the OD-LLM-compressed model to {save_directory}")
         return save_directory

@@ -15,6 +15,16 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 QUANT_METHOD = "odllm"
 _COV_DTYPES = ("float64", "float32")
+_SVD_DRIVERS = (None, "gesvd", "gesvdj", "gesvda")
+
+
+def _as_list(value: Any) -> Any:
+    """A tuple becomes a list and a single name a one-element list; anything else is left for post_init to reject."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, tuple):
+        return list(value)
+    return value
 
 
 class ODLLMConfig(QuantizationConfigMixin):
@@ -61,8 +71,8 @@ class ODLLMConfig(QuantizationConfigMixin):
         self.ratio = ratio
         self.whitening = whitening
         self.progressive = progressive
-        self.target_modules = list(target_modules) if target_modules is not None else None
-        self.modules_to_not_convert = list(modules_to_not_convert) if modules_to_not_convert is not None else None
+        self.target_modules = _as_list(target_modules)
+        self.modules_to_not_convert = _as_list(modules_to_not_convert)
         self.rank_multiple = rank_multiple
         self.num_calibration_samples = num_calibration_samples
         self.calibration_seq_len = calibration_seq_len
@@ -71,7 +81,7 @@ class ODLLMConfig(QuantizationConfigMixin):
         self.covariance_dtype = covariance_dtype
         self.solver_dtype = solver_dtype
         self.svd_driver = svd_driver
-        self.ranks = dict(ranks) if ranks else {}
+        self.ranks = dict(ranks) if isinstance(ranks, dict) else ({} if ranks is None else ranks)
         # Extra keys (e.g. provenance written by the compressor) survive a save/load round-trip.
         for key, value in kwargs.items():
             setattr(self, key, value)
@@ -102,6 +112,10 @@ class ODLLMConfig(QuantizationConfigMixin):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, list) or not all(isinstance(v, str) and v for v in value)):
                 raise ValueError(f"{name} must be a list of module-name suffixes (non-empty strings), got {value!r}")
+        if self.svd_driver not in _SVD_DRIVERS:
+            raise ValueError(f"svd_driver must be one of {_SVD_DRIVERS}, got {self.svd_driver!r}")
+        if not isinstance(self.ranks, dict):
+            raise ValueError(f"ranks must be a dict {{module_name: rank}}, got {type(self.ranks).__name__}")
         for module, rank in self.ranks.items():
             if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
                 raise ValueError(f"ranks[{module!r}] must be a positive integer, got {rank!r}")

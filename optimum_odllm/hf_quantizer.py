@@ -12,7 +12,6 @@ import re
 from typing import TYPE_CHECKING, Any
 
 from safetensors import safe_open
-
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 from transformers.quantizers.base import HfQuantizer
 

@@ -57,8 +57,8 @@ def allocate_ranks(shapes: list[ModuleShape], ratio: float, rank_multiple: int =
         ideal = ratio * shape.dense_params / (shape.in_features + shape.out_features)
         multiple = effective_multiple(ideal, rank_multiple)
         useful = max_useful_rank(shape.in_features, shape.out_features)
-        if ideal > useful:
-            ranks[shape.name] = None  # a factorization this large would not save anything
+        if ideal > useful or useful < 1:
+            ranks[shape.name] = None  # no factorization of this size would save anything
         else:
             ranks[shape.name] = max(1, min(int(ideal // multiple) * multiple, (useful // multiple) * multiple))
         multiples[shape.name] = multiple
@@ -68,8 +68,9 @@ def allocate_ranks(shapes: list[ModuleShape], ratio: float, rank_multiple: int =
         return kept_parameters(shapes, ranks)
 
     for shape in shapes:  # ratio just under 1: dense modules may not fit, factorize them fully
-        if ranks[shape.name] is None and used() > budget:
-            ranks[shape.name] = max(1, max_useful_rank(shape.in_features, shape.out_features))
+        useful = max_useful_rank(shape.in_features, shape.out_features)
+        if ranks[shape.name] is None and useful >= 1 and used() > budget:
+            ranks[shape.name] = useful
     if used() > budget:
         raise ValueError(
             f"ratio={ratio} is too small: even rank 1 everywhere keeps {used()} > {budget} parameters. "

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import re
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, GPT2Config
 from transformers.pytorch_utils import Conv1D
 
-from conftest import VOCAB, calibration_ids, tiny_model, word_tokenizer
+from conftest import VOCAB, calibration_ids, random_sentences, tiny_model, word_tokenizer
 from optimum_odllm import LowRankLinear, ODLLMCompressor, ODLLMConfig, replace_with_lowrank_linear
 from optimum_odllm.calibration import validate_item_index_file
 from optimum_odllm.linalg import NonFiniteError
@@ -59,7 +58,8 @@ def test_unknown_target_modules_lists_available_names():
         ({"input_ids": calibration_ids(4, 24), "attention_mask": torch.zeros(4, 24, dtype=torch.long)}, {}, "only padding"),
         (calibration_ids(2, 8), {"min_calibration_tokens": 64}, "fewer than min_calibration_tokens"),
         (torch.full((8, 24), VOCAB), {}, rf"must be in \[0, {VOCAB}\)"),
-        ([[5, 6, -1] * 10] * 8, {}, "non-negative"),
+        ([[5, 6, -1] * 10] * 8, {}, r"sequence 0 contains token id -1"),
+        (torch.full((8, 24), -3), {}, "non-negative"),
         ([[5, 6.5, 7] * 10] * 8, {}, "token ids must be integers"),
         ([[1, 2, 3], "text"], {}, "mixes strings and token ids"),
         (torch.rand(8, 24), {}, "LongTensor"),
@@ -77,7 +77,7 @@ def test_bad_calibration_data_fails_before_any_forward_pass(data, config, messag
 
 def test_tokenizer_output_mapping_is_accepted_and_padding_masked():
     tok = word_tokenizer()
-    texts = ["w1 w2 w3 w4 w5 w6 w7 w8 w9 w10 w11 w12"] * 4 + ["w5 w6 w7 w8"] * 4
+    texts = [" ".join(s.split()[: 10 + i]) for i, s in enumerate(random_sentences(8, 20))]  # ragged -> padding
     encoded = tok(texts, padding=True, return_tensors="pt")
     a, b = tiny_model(), tiny_model()
     ODLLMCompressor(a, small_config(min_calibration_tokens=8), tokenizer=tok).compress(encoded)
@@ -86,6 +86,12 @@ def test_tokenizer_output_mapping_is_accepted_and_padding_masked():
     )
     for (name, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
+    # GPTQ-style list of per-sample dicts gives the very same statistics
+    c = tiny_model()
+    samples = [{"input_ids": ids, "attention_mask": mask} for ids, mask in zip(encoded["input_ids"].tolist(), encoded["attention_mask"].tolist())]
+    ODLLMCompressor(c, small_config(min_calibration_tokens=8), tokenizer=tok).compress(samples)
+    for (name, p), (_, q) in zip(a.named_parameters(), c.named_parameters()):
+        assert torch.equal(p, q), name
 
 
 @pytest.mark.parametrize(
@@ -114,6 +120,11 @@ def test_already_compressed_model_is_refused_in_memory_and_after_reload(tmp_path
     del reloaded.config.quantization_config  # even without the config, the modules give it away
     with pytest.raises(ValueError, match="already contains LowRankLinear"):
         ODLLMCompressor(reloaded, small_config(ratio=0.3)).target_modules()
+    from optimum_odllm.fused import fuse_shared_inputs
+
+    fuse_shared_inputs(reloaded)  # the fused inference form is recognized too
+    with pytest.raises(ValueError, match=r"already contains .*Fused.*OD-LLM-compressed"):
+        ODLLMCompressor(reloaded, small_config(ratio=0.3)).target_modules()
 
 
 def gpt2_model():
@@ -131,8 +142,9 @@ def test_gpt2_conv1d_compress_save_reload_identical_logits(tmp_path, calib):
     assert all(isinstance(m, LowRankLinear) for m in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj))
     # the factors approximate the Conv1D's x @ W (weight stored [in, out]), not its transpose
     x = torch.randn(5, 64)
-    ref = dense.transformer.h[0].mlp.c_fc(x)
-    assert float((block.mlp.c_fc(x) - ref).norm() / ref.norm()) < 0.9
+    with torch.no_grad():
+        ref = dense.transformer.h[0].mlp.c_fc(x)
+        assert float((block.mlp.c_fc(x) - ref).norm() / ref.norm()) < 0.9
     comp.save_pretrained(tmp_path)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert isinstance(reloaded.transformer.h[1].mlp.c_fc, LowRankLinear)
@@ -168,7 +180,7 @@ def test_item_index_that_does_not_match_the_tokenizer_is_refused_up_front(tmp_pa
     calls = count_forwards(model)
     comp = ODLLMCompressor(model, small_config(), tokenizer=word_tokenizer())
     comp.item_index_file = index_file
-    with pytest.raises(ValueError, match=r"does not match the tokenizer: 5 of its 5 index tokens \(e.g. <a_0>\)"):
+    with pytest.raises(ValueError, match=r"does not match the tokenizer: 6 of its 6 index tokens \(e.g. <a_0>\)"):
         comp.compress(calib)
     assert calls == []
 
@@ -192,13 +204,18 @@ def test_half_precision_models_compress_close_to_float32(dtype):
     comp = ODLLMCompressor(half, small_config())
     comp.compress(ids)
     eps = torch.finfo(dtype).eps
+    errors = []
     for name in comp.config.ranks:
         got, want = half.get_submodule(name), full.get_submodule(name)
         assert got.down.weight.dtype == dtype and got.up.weight.dtype == dtype
-        w_half, w_full = got.weight.double(), want.weight.double()
+        with torch.no_grad():
+            w_half, w_full = got.weight.double(), want.weight.double()
         assert torch.isfinite(w_half).all()
-        # the factors were solved in float64 from half-precision statistics: only rounding-level differences
-        assert float((w_half - w_full).norm() / w_full.norm()) < 40 * eps, name
+        errors.append(float((w_half - w_full).norm() / w_full.norm()) / eps)
+    # statistics accumulated and factors solved in float64 from half-precision activations: the result
+    # differs from the float32 run by about one rounding of the weights (drift through layers aside)
+    assert sorted(errors)[len(errors) // 2] < 2, errors
+    assert max(errors) < 40, errors
     with torch.no_grad():
         assert torch.isfinite(half(ids).logits).all()
 
@@ -242,6 +259,7 @@ def test_tiny_calibration_set_is_handled_with_jitter(caplog):
     with caplog.at_level("WARNING"):
         ODLLMCompressor(model, small_config(min_calibration_tokens=16)).compress(ids)
     assert "not positive definite" in caplog.text
+    assert "has 16 non-padding tokens, fewer than the 160 inputs of model.layers.0.mlp.down_proj" in caplog.text
     for module in model.modules():
         if isinstance(module, LowRankLinear):
             assert torch.isfinite(module.weight).all()
@@ -264,19 +282,31 @@ def test_ratio_one_keeps_everything_dense_and_saves_a_plain_checkpoint(tmp_path,
         assert torch.equal(model(calib).logits, reloaded(calib).logits)
 
 
-def test_modules_whose_factorization_would_not_save_parameters_stay_dense(calib):
-    # ratio 0.75: square 64x64 q/o projections (break-even rank 32) would need rank 24 <= 31, fine; the
-    # narrow 64x32 k/v projections (break-even 21.3) at ratio 0.9 would need rank 19.2: kept or dense, but
-    # never a factorization with more parameters than the dense weight.
+def test_modules_whose_factorization_would_not_save_parameters_stay_dense(calib, monkeypatch):
+    import optimum_odllm.compressor as compressor_module
+
+    real = compressor_module.allocate_ranks
+    k_proj = "model.layers.0.self_attn.k_proj"  # 64 -> 32: rank 22 would hold 22 * 96 = 2112 >= 2048 parameters
+
+    def allocate(shapes, ratio, multiple):
+        ranks = real(shapes, ratio, multiple)
+        ranks[k_proj] = 22
+        return ranks
+
+    monkeypatch.setattr(compressor_module, "allocate_ranks", allocate)
     model = tiny_model()
+    dense_k = model.get_submodule(k_proj).weight.detach().clone()
     comp = ODLLMCompressor(model, small_config(ratio=0.9, rank_multiple=1))
     comp.compress(calib)
+    assert type(model.get_submodule(k_proj)) is torch.nn.Linear
+    assert torch.equal(model.get_submodule(k_proj).weight, dense_k)
+    assert k_proj not in comp.config.ranks
     for report in comp.report.modules:
-        module = model.get_submodule(report.name)
         if report.rank is None:
-            assert isinstance(module, torch.nn.Linear)
+            assert type(model.get_submodule(report.name)) is torch.nn.Linear
         else:
             assert report.rank * (report.in_features + report.out_features) < report.in_features * report.out_features
+    assert {m.name: m.rank for m in comp.report.modules}[k_proj] is None
 
 
 # ---------------------------------------------------------------------------------- safe loading
@@ -346,7 +376,7 @@ def test_saved_artifact_is_safetensors_json_only_and_loads_without_remote_code(s
 def test_package_never_unpickles():
     for path in PACKAGE.rglob("*.py"):
         source = path.read_text()
-        assert "pickle" not in source, path
+        assert not re.search(r"import pickle|pickle\.loads?\(|from pickle", source), path
         for call in re.findall(r"torch\.load\([^)]*\)", source):
             assert "weights_only=True" in call, (path, call)
 

@@ -61,8 +61,8 @@ def interrupt_after(monkeypatch, layer: int) -> None:
     monkeypatch.setattr(checkpointing.LayerCheckpointer, "save_layer", save_layer)
 
 
-@pytest.mark.parametrize("progressive", [True, False])
-def test_resume_after_interruption_is_bit_identical(tmp_path, monkeypatch, caplog, progressive):
+@pytest.mark.parametrize("progressive, stop", [(True, 1), (False, 1), (True, NUM_LAYERS - 1)])
+def test_resume_after_interruption_is_bit_identical(tmp_path, monkeypatch, caplog, progressive, stop):
     ids = calibration_ids(12, 16)
     reference = tmp_path / "reference"
     ODLLMCompressor(tiny_model(num_hidden_layers=NUM_LAYERS), make_config(progressive=progressive)).quantize(
@@ -72,16 +72,16 @@ def test_resume_after_interruption_is_bit_identical(tmp_path, monkeypatch, caplo
 
     out = tmp_path / "out"
     with monkeypatch.context() as patch:
-        interrupt_after(patch, layer=1)
+        interrupt_after(patch, layer=stop)
         with pytest.raises(Interrupt):
             ODLLMCompressor(tiny_model(num_hidden_layers=NUM_LAYERS), make_config(progressive=progressive)).quantize(
                 out, calibration_dataset=ids
             )
     manifest = json.loads((out / CHECKPOINT_DIRNAME / "manifest.json").read_text())
-    assert manifest["completed_layers"] == 2
+    assert manifest["completed_layers"] == stop + 1
     assert not (out / "config.json").exists()  # nothing loadable was written
 
-    # The resumed run must not redo layers 0 and 1.
+    # The resumed run must not redo the checkpointed layers.
     solved: list[str] = []
     original = ODLLMCompressor._solve_module
     monkeypatch.setattr(
@@ -91,8 +91,9 @@ def test_resume_after_interruption_is_bit_identical(tmp_path, monkeypatch, caplo
         ODLLMCompressor(tiny_model(num_hidden_layers=NUM_LAYERS), make_config(progressive=progressive)).quantize(
             out, calibration_dataset=ids
         )
-    assert "continuing with layer 2" in caplog.text
-    assert solved and all(name.startswith(("model.layers.2.", "model.layers.3.")) for name in solved)
+    assert f"continuing with layer {stop + 1}" in caplog.text
+    redone = {int(name.split(".")[2]) for name in solved}
+    assert redone == set(range(stop + 1, NUM_LAYERS))
     assert_same_checkpoint(reference, out)
     assert not (out / CHECKPOINT_DIRNAME).exists()  # deleted after the successful save
 
@@ -230,3 +231,45 @@ def test_failed_save_keeps_previous_model_and_leaves_no_partial_directory(tmp_pa
     after = load_file(target / "model.safetensors")
     assert all(torch.equal(before[k], after[k]) for k in before)
     AutoModelForCausalLM.from_pretrained(target)  # still a complete, loadable checkpoint
+
+
+def test_corrupt_checkpoint_file_is_reported_not_loaded(tmp_path, monkeypatch):
+    ids = calibration_ids(12, 16)
+    ckpt = tmp_path / "ckpt"
+    with monkeypatch.context() as patch:
+        interrupt_after(patch, layer=1)
+        with pytest.raises(Interrupt):
+            ODLLMCompressor(tiny_model(num_hidden_layers=NUM_LAYERS), make_config()).compress(
+                ids, checkpoint_dir=ckpt, resume=True
+            )
+    layer_file = ckpt / "layer-00000.safetensors"
+    layer_file.write_bytes(layer_file.read_bytes()[:50])  # truncated
+    with pytest.raises(CheckpointError, match=r"layer-00000.safetensors is unreadable.*resume=False"):
+        ODLLMCompressor(tiny_model(num_hidden_layers=NUM_LAYERS), make_config()).compress(
+            ids, checkpoint_dir=ckpt, resume=True
+        )
+    (ckpt / "state-00001.safetensors").unlink()
+    layer_file.unlink()
+    with pytest.raises(CheckpointError, match=r"unreadable"):
+        ODLLMCompressor(tiny_model(num_hidden_layers=NUM_LAYERS), make_config()).compress(
+            ids, checkpoint_dir=ckpt, resume=True
+        )
+    # the old state file of layer 0 was removed once layer 1 was checkpointed
+    assert sorted(p.name for p in ckpt.iterdir()) == ["layer-00001.safetensors", "manifest.json"]
+
+
+def test_checkpoint_cleanup_only_removes_its_own_files(tmp_path, calib):
+    shared = tmp_path / "work"
+    shared.mkdir()
+    (shared / "notes.txt").write_text("keep me")
+    comp = ODLLMCompressor(tiny_model(), make_config())
+    comp.compress(calib, checkpoint_dir=shared)
+    assert (shared / "manifest.json").exists()
+    comp.save_pretrained(shared / "model")
+    assert sorted(p.name for p in shared.iterdir()) == ["model", "notes.txt"]
+    # checkpointing into the output directory itself must not delete the saved model
+    comp = ODLLMCompressor(tiny_model(), make_config())
+    comp.compress(calib, checkpoint_dir=tmp_path / "out")
+    comp.save_pretrained(tmp_path / "out")
+    AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert not (tmp_path / "out" / "manifest.json").exists()

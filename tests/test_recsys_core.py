@@ -1,0 +1,285 @@
+"""Recommender side: split, loaders, unique codes, trie-constrained beam search, metrics (fast, offline)."""
+
+from __future__ import annotations
+
+import math
+import zipfile
+
+import pytest
+import torch
+from torch import nn
+
+from optimum_odllm.recsys.data import (
+    Example,
+    MalformedDataError,
+    build_dataset,
+    leave_one_out,
+    load_interactions_table,
+    load_movielens_100k,
+    read_atomic_file,
+    training_examples,
+)
+from optimum_odllm.recsys.evaluation import popularity_rankings
+from optimum_odllm.recsys.indexing import ItemIndex, build_item_index, count_collisions, make_unique
+from optimum_odllm.recsys.instructions import (
+    IGNORE_INDEX,
+    PACKED_SEQREC_TEMPLATE,
+    InstructionEncoder,
+    packed_sequences,
+)
+from optimum_odllm.recsys.metrics import ranking_metrics
+from optimum_odllm.recsys.training import build_offline_model, build_offline_tokenizer
+from optimum_odllm.recsys.trie import PrefixTrie, constrained_beam_search
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def test_build_dataset_sorts_chronologically_with_stable_ties():
+    rows = [("u1", "b", 20), ("u1", "a", 10), ("u2", "c", 5), ("u1", "c", 20), ("u2", "a", 7)]
+    ds = build_dataset("toy", rows, {"a": "alpha", "b": "beta"})
+    # item ids follow first appearance in time: c(5), a(7), b(20)
+    assert ds.item_ids == ["c", "a", "b"]
+    assert ds.item_text == ["item c", "alpha", "beta"]
+    names = {u: [ds.item_ids[i] for i in seq] for u, seq in ds.sequences.items()}
+    assert names == {"u1": ["a", "b", "c"], "u2": ["c", "a"]}  # b before c: same time, file order
+
+
+def test_k_core_filter_iterates():
+    rows = [("u1", "a", 1), ("u1", "b", 2), ("u2", "a", 3), ("u2", "b", 4), ("u3", "a", 5)]
+    ds = build_dataset("toy", rows, min_user_interactions=2, min_item_interactions=2)
+    assert set(ds.sequences) == {"u1", "u2"} and ds.n_interactions == 4
+
+
+def test_leave_one_out_never_leaks_targets_into_training():
+    seqs = {"u": [5, 3, 8, 1, 9, 2], "short": [4, 7]}
+    split = leave_one_out(seqs, history=3)
+    assert split.train == {"u": [5, 3, 8, 1], "short": [4, 7]}
+    assert split.valid == [Example("u", (3, 8, 1), 9)]
+    assert split.test == [Example("u", (8, 1, 9), 2)]
+    for ex in training_examples(split.train, history=3):
+        assert ex.target not in (9, 2)
+    windows = [(ex.history, ex.target) for ex in training_examples({"u": split.train["u"]}, history=2)]
+    assert windows == [((5,), 3), ((5, 3), 8), ((3, 8), 1)]
+
+
+def test_leave_one_out_on_movielens_positions():
+    ds = load_movielens_100k()
+    assert (ds.n_users, ds.n_items, ds.n_interactions) == (943, 1682, 100000)
+    split = leave_one_out(ds.sequences)
+    assert len(split.test) == len(split.valid) == 943
+    for ex in split.test:
+        full = ds.sequences[ex.user]
+        assert split.train[ex.user] == full[:-2]  # last two positions held out
+        assert ex.target == full[-1] and ex.history[-1] == full[-2] and len(ex.history) == min(20, len(full) - 1)
+
+
+def test_atomic_file_error_names_file_and_line():
+    lines = ["user_id:token\titem_id:token\ttimestamp:float", "1\t2\t3", "1\t2"]
+    with pytest.raises(MalformedDataError, match=r"ml\.inter, line 3: expected 3"):
+        read_atomic_file(lines, "ml.inter")
+
+
+def test_movielens_from_wheel_and_bad_timestamp(tmp_path):
+    inter = "user_id:token\titem_id:token\trating:float\ttimestamp:float\n1\t10\t5\t100\n1\t11\t4\t200\n"
+    item = "item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq\n10\tHeat\t1995\tAction\n"
+    wheel = tmp_path / "fake-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr("recbole/dataset_example/ml-100k/ml-100k.inter", inter)
+        zf.writestr("recbole/dataset_example/ml-100k/ml-100k.item", item)
+    ds = load_movielens_100k(wheel)
+    assert ds.item_text[:1] == ["Heat (1995) Action"] and ds.sequences == {"1": [0, 1]}
+    d = tmp_path / "ml"
+    d.mkdir()
+    (d / "ml-100k.inter").write_text(inter + "2\t10\t3\tyesterday\n")
+    (d / "ml-100k.item").write_text(item)
+    with pytest.raises(MalformedDataError, match=r"ml-100k\.inter, line 4: timestamp 'yesterday'"):
+        load_movielens_100k(d)
+
+
+def test_csv_loader_and_error_line(tmp_path):
+    good = tmp_path / "good.csv"
+    good.write_text("user_id,item_id,timestamp\nu,a,2\nu,b,1\n")
+    meta = tmp_path / "items.csv"
+    meta.write_text("item_id,title\na,Alpha\nb,Beta\n")
+    ds = load_interactions_table(str(good), str(meta))
+    assert [ds.item_text[i] for i in ds.sequences["u"]] == ["Beta", "Alpha"]
+    bad = tmp_path / "bad.csv"
+    bad.write_text("user_id,item_id,timestamp\nu,a,2\nu,,1\n")
+    with pytest.raises(MalformedDataError, match=r"bad\.csv, line 3"):
+        load_interactions_table(str(bad))
+
+
+# ------------------------------------------------------------------------------------------ indexing
+
+
+def test_make_unique_reassigns_to_nearest_free_code():
+    codes = [(0, 1), (0, 1), (0, 1), (2, 0)]
+    # item 1 is closest to code 1 -> keeps it; item 0 -> next nearest free (0, 3); item 2 -> (0, 2)
+    distances = torch.tensor([[9.0, 1.0, 5.0, 2.0], [9.0, 0.5, 5.0, 6.0], [9.0, 1.0, 2.0, 3.0], [0.0, 1.0, 2.0, 3.0]])
+    assert make_unique(codes, distances) == [(0, 3), (0, 1), (0, 2), (2, 0)]
+
+
+def test_make_unique_extra_level_numbers_duplicates():
+    out = make_unique([(1, 2), (1, 2), (3, 4)], strategy="extra_level")
+    assert out == [(1, 2, 0), (1, 2, 1), (3, 4, 0)]
+    assert count_collisions([(1, 2), (1, 2), (3, 4)]) == 2 and count_collisions(out) == 0
+
+
+def test_rqvae_index_is_unique_and_round_trips(tmp_path):
+    texts = [f"movie {k % 7} about topic {k % 3}" for k in range(60)]  # many identical texts -> collisions
+    index = build_item_index(texts, levels=2, codebook_size=4, steps=50)
+    assert index.collisions_before > 0
+    assert len(set(index.codes)) == 60 and count_collisions(index.codes) == 0
+    assert index.levels in (2, 3)  # 4x4 = 16 codes < 60 items: an extra level is needed
+    loaded = ItemIndex.load(index.save(tmp_path))
+    assert loaded.codes == index.codes
+    assert loaded.item_of_string(index.item_string(17)) == 17
+    assert loaded.item_of_string("<a_99><b_99>") is None
+
+
+# -------------------------------------------------------------------------------------- instructions
+
+
+def _toy_index() -> ItemIndex:
+    return ItemIndex(codes=[(0, 0), (0, 1), (1, 0), (2, 3)])
+
+
+def test_instruction_sample_masks_prompt_and_maps_items():
+    index = _toy_index()
+    texts = ["red apple", "green pear", "blue plum", "black fig"]
+    tok = build_offline_tokenizer(texts, index)
+    enc = InstructionEncoder(tok, index, texts)
+    a = tok.convert_tokens_to_ids(["<a_0>", "<b_1>", "<a_2>", "<b_3>"])
+    sample = enc.sample(PACKED_SEQREC_TEMPLATE, history=[1, 3])
+    prompt = [tok.bos_token_id] + tok("history :", add_special_tokens=False)["input_ids"]
+    assert sample["input_ids"] == prompt + a + [tok.eos_token_id]
+    assert sample["labels"] == [IGNORE_INDEX] * len(prompt) + a + [tok.eos_token_id]
+    assert enc.prompt_ids(PACKED_SEQREC_TEMPLATE, [1, 3]) == prompt + a
+
+
+def test_packed_sequences_cover_every_training_position():
+    train = {"u": list(range(50)), "v": [1, 2]}
+    chunks = packed_sequences(train, history=20)
+    assert all(len(c) <= 21 for c in chunks)
+    covered = {(c[k - 1], c[k]) for c in chunks for k in range(1, len(c))}
+    assert covered == {(k - 1, k) for k in range(1, 50)} | {(1, 2)}
+
+
+# ---------------------------------------------------------------------------------- trie/beam search
+
+
+def test_trie_allowed_tokens():
+    trie = PrefixTrie([(5, 7, 9), (5, 8, 9), (6, 7, 1)])
+    assert trie.allowed(()).tolist() == [5, 6]
+    assert trie.allowed((5,)).tolist() == [7, 8]
+    assert trie.allowed((6, 7)).tolist() == [1]
+    assert trie.allowed((7,)).numel() == 0
+    assert trie.item((5, 8, 9)) == 1 and trie.item((5, 7, 1)) is None
+
+
+class _TableLM(nn.Module):
+    """Next-token log-probs depend only on the last token: a hand-computable scorer with a real KV cache path."""
+
+    def __init__(self, table: torch.Tensor):
+        super().__init__()
+        self.table = nn.Parameter(table)
+        self.dummy = nn.Linear(1, 1)
+
+    def forward(self, input_ids, past_key_values=None, use_cache=True, **_):
+        from types import SimpleNamespace
+
+        if past_key_values is not None:
+            # store one scalar per position so cache reordering is exercised
+            past_key_values.update(input_ids[:, None, :, None].float(), input_ids[:, None, :, None].float(), 0)
+        return SimpleNamespace(logits=self.table[input_ids], past_key_values=past_key_values)
+
+
+def test_constrained_beam_search_matches_brute_force():
+    torch.manual_seed(0)
+    vocab = 12
+    table = torch.randn(vocab, vocab) * 3
+    items = [(1, 4, 7), (1, 4, 8), (1, 5, 7), (2, 4, 9), (3, 6, 6), (3, 6, 10), (2, 5, 11)]
+    trie = PrefixTrie(items)
+    model = _TableLM(table)
+    prompts = torch.tensor([[0, 11], [2, 3], [10, 9]])
+    ranked, scores = constrained_beam_search(model, prompts, trie, num_beams=5)
+    logp = torch.log_softmax(table, -1)
+    for row, prompt in enumerate(prompts.tolist()):
+        def score(code, last=prompt[-1]):
+            total, prev = 0.0, last
+            for t in code:
+                total, prev = total + float(logp[prev, t]), t
+            return total
+        # reference: the same beam search written as plain Python over the hand-made log-prob table
+        beams = [((), 0.0)]
+        for depth in range(3):
+            cands = [(p + (t,), s + float(logp[p[-1] if p else prompt[-1], t]))
+                     for p, s in beams for t in trie.allowed(p).tolist()]
+            beams = sorted(cands, key=lambda x: -x[1])[:5]
+        expected = [trie.item(p) for p, _ in beams]
+        assert ranked[row] == expected
+        assert all(i in range(len(items)) for i in ranked[row])  # every output is a real item
+        assert torch.allclose(scores[row], torch.tensor([score(items[i]) for i in expected]), atol=1e-5)
+
+
+def test_beam_search_on_random_llama_always_returns_valid_items():
+    index = ItemIndex(codes=[(a, b, c) for a in range(3) for b in range(2) for c in range(2)][:10])
+    texts = [f"item number {k}" for k in range(10)]
+    tok = build_offline_tokenizer(texts, index)
+    model = build_offline_model(tok, hidden_size=32, num_layers=1, num_heads=2).eval()
+    enc = InstructionEncoder(tok, index, texts)
+    trie = PrefixTrie(enc.item_ids)
+    prompts = torch.tensor([enc.prompt_ids(PACKED_SEQREC_TEMPLATE, [k, (k + 3) % 10]) for k in range(4)])
+    ranked, scores = constrained_beam_search(model, prompts, trie, num_beams=20)
+    for row in ranked:
+        valid = [i for i in row if i >= 0]
+        assert sorted(valid) == list(range(10))  # only 10 items exist: all of them, each once
+        assert row[10:] == [-1] * 10
+    assert torch.isinf(scores[:, 10:]).all() and torch.isfinite(scores[:, :10]).all()
+    assert (scores[:, :9] >= scores[:, 1:10]).all()  # best first
+    # the top beam equals greedy-by-exhaustive scoring of all 10 items with full forward passes
+    with torch.no_grad():
+        full = []
+        for i in range(10):
+            ids = torch.cat([prompts, torch.tensor(enc.item_ids[i]).expand(4, -1)], 1)
+            logp = torch.log_softmax(model(input_ids=ids).logits.float(), -1)
+            n = prompts.shape[1]
+            full.append(sum(logp[:, n - 1 + t, enc.item_ids[i][t]] for t in range(3)))
+        full = torch.stack(full, 1)
+    assert torch.allclose(scores[:, :10], full.sort(1, descending=True).values, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------- metrics
+
+
+def test_ranking_metrics_against_hand_computation():
+    rankings = [["a", "b", "c"], ["x", "y", "z", "t", "u", "v"], ["p"], list("abcdefghijk")]
+    targets = ["a", "u", "q", "k"]  # ranks 0, 4, absent, 10 (outside top-10)
+    m = ranking_metrics(rankings, targets)
+    assert m["HR@1"] == pytest.approx(1 / 4)
+    assert m["HR@5"] == pytest.approx(2 / 4)
+    assert m["HR@10"] == pytest.approx(2 / 4)
+    assert m["NDCG@5"] == pytest.approx((1.0 + 1 / math.log2(6)) / 4)
+    assert m["NDCG@10"] == pytest.approx((1.0 + 1 / math.log2(6)) / 4)
+    m = ranking_metrics([list("abcdefghij")], ["g"])  # rank 6: in top-10, not top-5
+    assert (m["HR@5"], m["HR@10"], m["NDCG@5"]) == (0.0, 1.0, 0.0)
+    assert m["NDCG@10"] == pytest.approx(1 / 3)  # 1/log2(8)
+
+
+def test_evaluate_module_matches():
+    evaluate = pytest.importorskip("evaluate")
+    from optimum_odllm.metrics import RANKING_METRIC_PATH
+
+    metric = evaluate.load(RANKING_METRIC_PATH)
+    got = metric.compute(predictions=[["3", "7", "1"], ["1", "2"]], references=["7", "9"])
+    assert got["HR@5"] == 0.5 and got["NDCG@10"] == pytest.approx(0.5 / math.log2(3))
+
+
+def test_popularity_counts_training_only_and_skips_seen():
+    train = {"u": [1, 2, 2], "v": [2, 3], "w": [3, 4]}
+    examples = [Example("u", (1, 2), 9), Example("x", (), 1)]
+    ranked = popularity_rankings(train, examples, k=3)
+    assert ranked[0] == [3, 4]  # 2 and 1 were seen by u; ties broken by smaller id
+    assert ranked[1] == [2, 3, 1]
+    assert popularity_rankings(train, examples[:1], k=2, exclude_history=False) == [[2, 3]]

@@ -45,6 +45,9 @@ class ODLLMConfig(QuantizationConfigMixin):
         calibration_batch_size: sequences per forward pass while capturing activations.
         covariance_dtype: accumulation dtype of ``X^T X`` (``"float64"`` default, ``"float32"`` for speed on GPU).
         solver_dtype: dtype of the Cholesky/SVD/least-squares solves.
+        alignment_damping: ridge term of the progressive least-squares update, as a fraction of the mean
+            input variance (GPTQ-style damping; 0 = exact least squares, which can blow up directions the
+            calibration data barely covers).
         svd_driver: ``torch.linalg.svd`` driver on CUDA (e.g. ``"gesvda"``); ignored on CPU.
         ranks: filled by the compressor: ``{module_name: rank}`` of every factorized module.
     """
@@ -64,6 +67,7 @@ class ODLLMConfig(QuantizationConfigMixin):
         covariance_dtype: str = "float64",
         solver_dtype: str = "float64",
         svd_driver: str | None = None,
+        alignment_damping: float = 0.01,
         ranks: dict[str, int] | None = None,
         **kwargs: Any,
     ):
@@ -81,6 +85,7 @@ class ODLLMConfig(QuantizationConfigMixin):
         self.covariance_dtype = covariance_dtype
         self.solver_dtype = solver_dtype
         self.svd_driver = svd_driver
+        self.alignment_damping = alignment_damping
         self.ranks = dict(ranks) if isinstance(ranks, dict) else ({} if ranks is None else ranks)
         # Extra keys (e.g. provenance written by the compressor) survive a save/load round-trip.
         for key, value in kwargs.items():
@@ -89,6 +94,9 @@ class ODLLMConfig(QuantizationConfigMixin):
 
     def post_init(self) -> None:
         """Validate every setting up front, with an error that names the fix."""
+        damping = self.alignment_damping
+        if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not 0 <= damping < 1:
+            raise ValueError(f"alignment_damping must be a number in [0, 1), got {damping!r} (0.01 is a good default)")
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or math.isnan(self.ratio):
             raise ValueError(f"ratio must be a number in (0, 1], got {self.ratio!r}")
         if not 0 < self.ratio <= 1:

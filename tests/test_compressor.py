@@ -218,3 +218,19 @@ def test_plain_svd_without_data_is_data_free():
     approx = model.model.layers[0].self_attn.q_proj.weight.double()
     sigma = torch.linalg.svdvals(dense_q)
     assert float(((dense_q - approx) ** 2).sum()) == pytest.approx(float((sigma[rank:] ** 2).sum()), rel=1e-5)
+
+
+def test_alignment_damping_keeps_factors_bounded_on_rank_deficient_calibration():
+    """Few distinct tokens make layer-0 inputs rank-deficient; undamped least squares then explodes."""
+    dense = tiny_model("llama", num_hidden_layers=3)
+    ids = torch.randint(3, 13, (24, 24), generator=torch.Generator().manual_seed(0))  # only 10 distinct tokens
+    largest = {}
+    for progressive, damping in [(False, 0.0), (True, 0.0), (True, 0.01)]:
+        model = copy.deepcopy(dense)
+        config = ODLLMConfig(ratio=0.5, progressive=progressive, alignment_damping=damping, rank_multiple=8)
+        ODLLMCompressor(model, config).compress(ids)
+        largest[(progressive, damping)] = max(
+            float((m.up.weight @ m.down.weight).abs().max()) for m in model.modules() if isinstance(m, LowRankLinear)
+        )
+    assert largest[(True, 0.0)] > 10 * largest[(False, 0.0)]  # the failure mode is real...
+    assert largest[(True, 0.01)] < 3 * largest[(False, 0.0)]  # ...and damping removes it

@@ -34,8 +34,18 @@ class CLIError(SystemExit):
 
 
 def _setup_logging() -> None:
-    logging.set_verbosity_info()
+    """Our own INFO messages (jitter, ranks, resume) on stderr; transformers' at WARNING (no config dumps)."""
+    import logging as std_logging
+
+    logging.set_verbosity_warning()
     logging.enable_progress_bar()
+    ours = std_logging.getLogger("optimum_odllm")
+    if not ours.handlers:
+        handler = std_logging.StreamHandler()
+        handler.setFormatter(std_logging.Formatter("[optimum-odllm] %(message)s"))
+        ours.addHandler(handler)
+    ours.setLevel(std_logging.INFO)
+    ours.propagate = False
 
 
 # ---------------------------------------------------------------------------------------------- data

@@ -39,7 +39,6 @@ from optimum_odllm.recsys import (
 from optimum_odllm.recsys.instructions import packed_sequences
 
 
-logger = logging.get_logger("optimum_odllm.examples.ml100k")
 METRICS = ("HR@1", "HR@5", "HR@10", "NDCG@5", "NDCG@10")
 
 
@@ -141,7 +140,7 @@ def main(argv=None) -> dict:
     data = load_movielens_100k(args.data_path)
     split = leave_one_out(data.sequences, history=args.history)
     test = split.test[: args.max_eval_users] if args.max_eval_users else split.test
-    logger.info(f"{data.name}: {data.n_users} users, {data.n_items} items, {data.n_interactions} interactions")
+    print(f"{data.name}: {data.n_users} users, {data.n_items} items, {data.n_interactions} interactions")
 
     index = build_item_index(data.item_text, data.item_ids, levels=args.levels, codebook_size=args.codebook_size,
                              steps=300 if args.quick else 1500, seed=args.seed)
@@ -153,7 +152,7 @@ def main(argv=None) -> dict:
 
     model = build_offline_model(tokenizer, hidden_size=args.hidden_size, num_layers=args.layers,
                                 num_heads=args.heads, seed=args.seed)
-    logger.info(f"training {count_parameters(model):,}-parameter Llama on {len(samples)} samples")
+    print(f"training {count_parameters(model):,}-parameter Llama on {len(samples)} samples")
     t = time.time()
     model = train_recommender(model, tokenizer, samples, out / "trainer", epochs=args.epochs, learning_rate=args.lr,
                               batch_size=args.batch_size, seed=args.seed, disable_tqdm=args.quick)
@@ -174,7 +173,7 @@ def main(argv=None) -> dict:
     evaluate = lambda m: evaluate_recommender(m, encoder, test, PACKED_SEQREC_TEMPLATE, num_beams=args.beams)  # noqa: E731
     results["dense"] = {**evaluate(model), "params": count_parameters(model), "ratio": 1.0}
     timings["eval_dense_s"] = round(time.time() - t, 1)
-    logger.info(f"dense: {results['dense']}")
+    print(f"dense: {results['dense']}", flush=True)
 
     # calibration: packed training sequences (the model's real input distribution), never test targets
     rng = random.Random(args.seed)
@@ -189,7 +188,7 @@ def main(argv=None) -> dict:
         results[name] = {**evaluate(compressed), "params": count_parameters(compressed), "ratio": cfg.ratio,
                          "whitening": cfg.whitening, "progressive": cfg.progressive,
                          "compress_s": round(compress_s, 1)}
-        logger.info(f"{name}: {results[name]}")
+        print(f"{name}: {results[name]}", flush=True)
         if name == f"odllm@{args.ablation_ratio:g}":
             compressor.save_pretrained(out / f"odllm-{args.ablation_ratio:g}")
             tokenizer.save_pretrained(out / f"odllm-{args.ablation_ratio:g}")

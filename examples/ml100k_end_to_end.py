@@ -20,10 +20,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging
 
 from optimum_odllm import ODLLMCompressor, ODLLMConfig, count_parameters
 from optimum_odllm.recsys import (
+    ItemIndex,
     PACKED_SEQREC_TEMPLATE,
     InstructionEncoder,
     build_instruction_samples,
@@ -62,6 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--calibration-samples", type=int, default=256)
     p.add_argument("--max-eval-users", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--from-dense", default=None,
+                   help="reuse a trained dense recommender (a DIR/dense folder of an earlier run) instead of training")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     if args.quick:
@@ -142,26 +146,34 @@ def main(argv=None) -> dict:
     test = split.test[: args.max_eval_users] if args.max_eval_users else split.test
     print(f"{data.name}: {data.n_users} users, {data.n_items} items, {data.n_interactions} interactions")
 
-    index = build_item_index(data.item_text, data.item_ids, levels=args.levels, codebook_size=args.codebook_size,
-                             steps=300 if args.quick else 1500, seed=args.seed)
-    tokenizer = build_offline_tokenizer(data.item_text, index)
-    encoder = InstructionEncoder(tokenizer, index, data.item_text)
-    samples = build_instruction_samples(encoder, split.train, tasks=("seqrec", "item2index"), history=args.history,
-                                        packed=True, short=True, seed=args.seed)
-    timings["indexing_s"] = round(time.time() - t0, 1)
+    if args.from_dense:
+        dense_dir = Path(args.from_dense)
+        index = ItemIndex.load(dense_dir)
+        tokenizer = AutoTokenizer.from_pretrained(dense_dir)
+        encoder = InstructionEncoder(tokenizer, index, data.item_text)
+        model = AutoModelForCausalLM.from_pretrained(dense_dir).eval()
+        print(f"reusing the trained recommender in {dense_dir}")
+    else:
+        index = build_item_index(data.item_text, data.item_ids, levels=args.levels, codebook_size=args.codebook_size,
+                                 steps=300 if args.quick else 1500, seed=args.seed)
+        tokenizer = build_offline_tokenizer(data.item_text, index)
+        encoder = InstructionEncoder(tokenizer, index, data.item_text)
+        samples = build_instruction_samples(encoder, split.train, tasks=("seqrec", "item2index"), history=args.history,
+                                            packed=True, short=True, seed=args.seed)
+        timings["indexing_s"] = round(time.time() - t0, 1)
 
-    model = build_offline_model(tokenizer, hidden_size=args.hidden_size, num_layers=args.layers,
-                                num_heads=args.heads, seed=args.seed)
-    print(f"training {count_parameters(model):,}-parameter Llama on {len(samples)} samples")
-    t = time.time()
-    model = train_recommender(model, tokenizer, samples, out / "trainer", epochs=args.epochs, learning_rate=args.lr,
-                              batch_size=args.batch_size, seed=args.seed, disable_tqdm=args.quick)
-    timings["training_s"] = round(time.time() - t, 1)
-    model.eval()
-    dense_dir = out / "dense"
-    model.save_pretrained(dense_dir)
-    tokenizer.save_pretrained(dense_dir)
-    index.save(dense_dir)
+        model = build_offline_model(tokenizer, hidden_size=args.hidden_size, num_layers=args.layers,
+                                    num_heads=args.heads, seed=args.seed)
+        print(f"training {count_parameters(model):,}-parameter Llama on {len(samples)} samples")
+        t = time.time()
+        model = train_recommender(model, tokenizer, samples, out / "trainer", epochs=args.epochs, learning_rate=args.lr,
+                                  batch_size=args.batch_size, seed=args.seed, disable_tqdm=args.quick)
+        timings["training_s"] = round(time.time() - t, 1)
+        model.eval()
+        dense_dir = out / "dense"
+        model.save_pretrained(dense_dir)
+        tokenizer.save_pretrained(dense_dir)
+        index.save(dense_dir)
 
     results: dict = {"dataset": data.name, "users": data.n_users, "items": data.n_items,
                      "interactions": data.n_interactions, "eval_users": len(test), "beams": args.beams,

@@ -12,26 +12,23 @@ from typing import Iterator
 from torch import nn
 
 
-def count_parameters(model: nn.Module) -> int:
-    """Number of distinct parameters (tied weights counted once)."""
+def _unique_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
+    """Each parameter once, even when tied (e.g. embeddings shared with lm_head)."""
     seen: set[int] = set()
-    total = 0
     for param in model.parameters():
         if id(param) not in seen:
             seen.add(id(param))
-            total += param.numel()
-    return total
+            yield param
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of distinct parameters (tied weights counted once)."""
+    return sum(p.numel() for p in _unique_parameters(model))
 
 
 def parameter_bytes(model: nn.Module) -> int:
     """Bytes of distinct parameters (tied weights counted once)."""
-    seen: set[int] = set()
-    total = 0
-    for param in model.parameters():
-        if id(param) not in seen:
-            seen.add(id(param))
-            total += param.numel() * param.element_size()
-    return total
+    return sum(p.numel() * p.element_size() for p in _unique_parameters(model))
 
 
 @contextmanager

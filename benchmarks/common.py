@@ -61,6 +61,17 @@ def lowrank_like(model: nn.Module, ratio: float, rank_multiple: int = 128, seed:
     return ranks
 
 
+def add_model_args(parser) -> None:
+    """The Llama-shape options shared by the benchmark scripts (7B shape by default)."""
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, help="bfloat16 on CUDA, float32 on CPU by default")
+    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--hidden", type=int, default=4096)
+    parser.add_argument("--intermediate", type=int, default=11008)
+    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--vocab", type=int, default=32000)
+
+
 def median_time(fn: Callable[[], Any], warmup: int = 3, repeat: int = 10, cuda: bool | None = None) -> float:
     """Median wall seconds of ``fn`` (CUDA-synchronized when on GPU)."""
     cuda = torch.cuda.is_available() if cuda is None else cuda

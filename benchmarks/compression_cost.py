@@ -28,19 +28,13 @@ from typing import Any
 
 import torch
 
-from common import llama_model, machine_info, markdown_table, write_json
+from common import add_model_args, llama_model, machine_info, markdown_table, write_json
 from optimum_odllm import ODLLMCompressor, ODLLMConfig
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default=None, help="model dtype: bfloat16 on CUDA, float32 on CPU by default")
-    p.add_argument("--layers", type=int, default=32)
-    p.add_argument("--hidden", type=int, default=4096)
-    p.add_argument("--intermediate", type=int, default=11008)
-    p.add_argument("--heads", type=int, default=32)
-    p.add_argument("--vocab", type=int, default=32000)
+    add_model_args(p)
     p.add_argument("--samples", type=int, default=256)
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--batch-size", type=int, default=8)

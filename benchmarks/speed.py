@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from common import (
+    add_model_args,
     decoder_linear_shapes,
     llama_model,
     lowrank_like,
@@ -44,13 +45,7 @@ from optimum_odllm.fused import fuse_shared_inputs
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default=None, help="bfloat16 on CUDA, float32 on CPU by default")
-    p.add_argument("--layers", type=int, default=32)
-    p.add_argument("--hidden", type=int, default=4096)
-    p.add_argument("--intermediate", type=int, default=11008)
-    p.add_argument("--heads", type=int, default=32)
-    p.add_argument("--vocab", type=int, default=32000)
+    add_model_args(p)
     p.add_argument("--ratio", type=float, default=0.5)
     p.add_argument("--rank-multiple", type=int, default=128)
     p.add_argument("--micro-tokens", default="1,64,512,4096", help="token counts for the per-layer GEMM micro-benchmark")

@@ -61,6 +61,16 @@ def interrupt_after(monkeypatch, layer: int) -> None:
     monkeypatch.setattr(checkpointing.LayerCheckpointer, "save_layer", save_layer)
 
 
+def interrupted_checkpoint(monkeypatch, ids, ckpt, layer: int) -> None:
+    """Run a compression that 'crashes' right after checkpointing ``layer``."""
+    with monkeypatch.context() as patch:
+        interrupt_after(patch, layer=layer)
+        with pytest.raises(Interrupt):
+            ODLLMCompressor(tiny_model(num_hidden_layers=NUM_LAYERS), make_config()).compress(
+                ids, checkpoint_dir=ckpt, resume=True
+            )
+
+
 @pytest.mark.parametrize("progressive, stop", [(True, 1), (False, 1), (True, NUM_LAYERS - 1)])
 def test_resume_after_interruption_is_bit_identical(tmp_path, monkeypatch, caplog, progressive, stop):
     ids = calibration_ids(12, 16)
@@ -101,12 +111,7 @@ def test_resume_after_interruption_is_bit_identical(tmp_path, monkeypatch, caplo
 def test_resume_refuses_checkpoint_of_other_settings_data_or_model(tmp_path, monkeypatch):
     ids = calibration_ids(12, 16)
     ckpt = tmp_path / "ckpt"
-    with monkeypatch.context() as patch:
-        interrupt_after(patch, layer=0)
-        with pytest.raises(Interrupt):
-            ODLLMCompressor(tiny_model(num_hidden_layers=NUM_LAYERS), make_config()).compress(
-                ids, checkpoint_dir=ckpt, resume=True
-            )
+    interrupted_checkpoint(monkeypatch, ids, ckpt, layer=0)
     cases = [
         (tiny_model(num_hidden_layers=NUM_LAYERS), make_config(ratio=0.4), ids, "settings"),
         (tiny_model(num_hidden_layers=NUM_LAYERS), make_config(), calibration_ids(12, 16, seed=7), "calibration"),
@@ -236,12 +241,7 @@ def test_failed_save_keeps_previous_model_and_leaves_no_partial_directory(tmp_pa
 def test_corrupt_checkpoint_file_is_reported_not_loaded(tmp_path, monkeypatch):
     ids = calibration_ids(12, 16)
     ckpt = tmp_path / "ckpt"
-    with monkeypatch.context() as patch:
-        interrupt_after(patch, layer=1)
-        with pytest.raises(Interrupt):
-            ODLLMCompressor(tiny_model(num_hidden_layers=NUM_LAYERS), make_config()).compress(
-                ids, checkpoint_dir=ckpt, resume=True
-            )
+    interrupted_checkpoint(monkeypatch, ids, ckpt, layer=1)
     layer_file = ckpt / "layer-00000.safetensors"
     layer_file.write_bytes(layer_file.read_bytes()[:50])  # truncated
     with pytest.raises(CheckpointError, match=r"layer-00000.safetensors is unreadable.*resume=False"):

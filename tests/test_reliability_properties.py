@@ -127,15 +127,20 @@ index_documents = st.one_of(
 )
 
 
+def write_document(path: Path, document) -> None:
+    """Raw bytes as they are, anything else as JSON (unserializable values as strings)."""
+    if isinstance(document, bytes):
+        path.write_bytes(document)
+    else:
+        path.write_text(json.dumps(document, default=str))
+
+
 @FAST
 @given(index_documents | st.binary(max_size=40))
 def test_item_index_loader_rejects_malformed_files_with_value_error(document):
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp, "item_index.json")
-        if isinstance(document, bytes):
-            path.write_bytes(document)
-        else:
-            path.write_text(json.dumps(document, default=str))
+        write_document(path, document)
         try:
             index = validate_item_index_file(path)
         except ValueError as err:
@@ -152,10 +157,7 @@ def test_item_index_loader_rejects_malformed_files_with_value_error(document):
 def test_checkpoint_manifest_loader_rejects_malformed_manifests(document):
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp, "manifest.json")
-        if isinstance(document, bytes):
-            path.write_bytes(document)
-        else:
-            path.write_text(json.dumps(document, default=str))
+        write_document(path, document)
         with pytest.raises(CheckpointError, match="resume=False"):
             LayerCheckpointer(tmp, {"a": "1"}).load(num_batches=1)
 

@@ -70,6 +70,18 @@ def add_model_args(parser) -> None:
     parser.add_argument("--intermediate", type=int, default=11008)
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--kv-heads", type=int, default=None, help="key/value heads (GQA); default = --heads")
+    parser.add_argument("--attention-bias", action="store_true", help="q/k/v/o biases (Qwen2-style)")
+    parser.add_argument("--tie-embeddings", action="store_true", help="lm_head shares the embedding matrix")
+
+
+def model_shape(args) -> dict[str, Any]:
+    """The LlamaConfig overrides that ``add_model_args`` options describe."""
+    return dict(
+        hidden_size=args.hidden, intermediate_size=args.intermediate, num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads or args.heads, vocab_size=args.vocab,
+        attention_bias=args.attention_bias, tie_word_embeddings=args.tie_embeddings,
+    )
 
 
 def median_time(fn: Callable[[], Any], warmup: int = 3, repeat: int = 10, cuda: bool | None = None) -> float:

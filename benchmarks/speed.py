@@ -7,8 +7,10 @@ values), and its low-rank twin with exactly the ranks OD-LLM allocates at ``--ra
 * ``prefill``: full forward over a prompt, per batch size and length;
 * ``decode``: per-token latency through ``generate`` (eager with a dynamic cache, and, on CUDA,
   the static-cache + ``torch.compile`` path that captures CUDA graphs), at batch 1 and 32;
-* every timing for three variants: ``dense``, ``lowrank`` (two GEMMs per projection) and ``fused``
-  (:func:`optimum_odllm.fused.fuse_shared_inputs`: one shared ``down`` GEMM for q/k/v and gate/up);
+* every timing for the variants of ``--variants``: ``dense``; ``lowrank`` (two GEMMs per projection,
+  cuBLAS); ``fused`` (:func:`optimum_odllm.fused.fuse_shared_inputs`: one ``down`` GEMM for q/k/v and
+  gate/up, cuBLAS); ``kernels`` (fused, plus the Triton kernels of :mod:`optimum_odllm.kernels` at
+  small token counts: CUDA only);
 * peak memory of each model.
 
 Prints a markdown table and writes JSON. Example (GPU)::
@@ -26,12 +28,14 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import time
 from typing import Any
 
 import torch
 
 from common import (
     add_model_args,
+    model_shape,
     decoder_linear_shapes,
     llama_model,
     lowrank_like,
@@ -40,6 +44,7 @@ from common import (
     median_time,
     write_json,
 )
+from optimum_odllm import kernels
 from optimum_odllm.fused import fuse_shared_inputs
 
 
@@ -54,7 +59,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--decode-prompt", type=int, default=64)
     p.add_argument("--decode-tokens", type=int, default=64)
     p.add_argument("--no-compile", action="store_true", help="skip the static-cache + torch.compile decode path")
+    p.add_argument("--no-eager-decode", action="store_true", help="only the compiled decode path (split long GPU runs)")
+    p.add_argument("--profile", action="store_true", help="profile compiled generate's GPU kernels per variant (CUDA)")
     p.add_argument("--repeat", type=int, default=10)
+    p.add_argument("--variants", default="dense,lowrank,fused,kernels", help="dense first; kernels is CUDA only")
     p.add_argument("--out", default="benchmarks/results/speed.json")
     return p.parse_args()
 
@@ -69,6 +77,8 @@ def micro_layer(dense_layer: torch.nn.Module, lowrank_layer: torch.nn.Module, to
     # correctness of the low-rank forward (bf16 operands: relative error ~1e-3..1e-2)
     m, x = l_mods[0], inputs[0]
     ref = x.double() @ (m.up.weight.double() @ m.down.weight.double()).T
+    if m.up.bias is not None:
+        ref = ref + m.up.bias.double()
     rel = float((m(x).double() - ref).norm() / ref.norm())
     assert rel < 2e-2, f"low-rank forward is wrong (relative error {rel})"
     t_dense = median_time(lambda: [mod(x) for mod, x in zip(d_mods, inputs)], repeat=repeat)
@@ -101,6 +111,29 @@ def decode_latency(model: torch.nn.Module, batch: int, prompt: int, tokens: int,
     return (t_n - t_1) / (tokens - 1)
 
 
+@torch.no_grad()
+def profile_decode(model: torch.nn.Module, batch: int, prompt: int, tokens: int, vocab: int, device: str, top: int = 12) -> dict[str, Any]:
+    """Where a compiled (static cache) ``generate`` spends GPU time: the top kernels of ``tokens`` steps."""
+    ids = torch.randint(3, vocab, (batch, prompt), device=device)
+    kwargs: dict[str, Any] = dict(do_sample=False, pad_token_id=0, eos_token_id=None, cache_implementation="static")
+    for _ in range(2):  # compile, record the CUDA graphs
+        model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, **kwargs)
+    torch.cuda.synchronize()
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    start = time.perf_counter()
+    with torch.profiler.profile(activities=activities) as prof:
+        model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, **kwargs)
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - start
+    events = [e for e in prof.key_averages() if getattr(e, "device_time_total", 0) > 0 and e.device_type.name == "CUDA"]
+    events.sort(key=lambda e: e.device_time_total, reverse=True)
+    gpu_us = sum(e.device_time_total for e in events)
+    return {
+        "batch": batch, "tokens": tokens, "wall_ms": 1e3 * wall, "gpu_kernel_ms": gpu_us / 1e3,
+        "top": [{"name": e.key[:90], "calls": e.count, "ms": e.device_time_total / 1e3} for e in events[:top]],
+    }
+
+
 def peak_memory_reset(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -111,34 +144,63 @@ def peak_memory(device: str) -> float | None:
     return torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
 
 
-def main() -> None:
-    args = parse_args()
-    device = args.device
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
-    shape = dict(hidden_size=args.hidden, intermediate_size=args.intermediate, num_attention_heads=args.heads,
-                 num_key_value_heads=args.heads, vocab_size=args.vocab)
-    results: dict[str, Any] = {"machine": machine_info(), "args": vars(args), "micro": [], "prefill": [], "decode": []}
+class kernels_enabled:
+    """Context manager: turn the Triton path on or off (the ``kernels`` variant vs the cuBLAS ones)."""
 
-    dense = llama_model(args.layers, dtype, device, **shape)
+    def __init__(self, on: bool):
+        self.on, self.before = on, kernels.ENABLED
+
+    def __enter__(self) -> None:
+        kernels.ENABLED = self.on
+
+    def __exit__(self, *exc: Any) -> None:
+        kernels.ENABLED = self.before
+
+
+def build_variants(args: argparse.Namespace, dense: torch.nn.Module) -> tuple[list[tuple[str, torch.nn.Module, bool]], dict[str, Any]]:
+    """``[(label, model, kernels_on)]`` sharing the low-rank weights where the variants allow it."""
+    wanted = [v for v in args.variants.split(",") if v]
+    if not args.device.startswith("cuda") and "kernels" in wanted:
+        wanted.remove("kernels")  # identical to ``fused`` off CUDA
     lowrank = copy.deepcopy(dense)
     ranks = lowrank_like(lowrank, args.ratio, args.rank_multiple)
     fused = copy.deepcopy(lowrank)
-    fused_groups = fuse_shared_inputs(fused)
-    variants = [("dense", dense), ("lowrank", lowrank), ("fused", fused)]
+    groups = fuse_shared_inputs(fused)
+    table = {"dense": (dense, False), "lowrank": (lowrank, False), "fused": (fused, False), "kernels": (fused, True)}
+    variants = [(label, *table[label]) for label in wanted]
     targets = sum(s.dense_params for s in decoder_linear_shapes(dense))
     kept = sum(p.numel() for n, p in lowrank.named_parameters() if ".layers." in n and (".up." in n or ".down." in n))
-    results["params"] = {
+    params = {
         "dense": sum(p.numel() for p in dense.parameters()),
         "lowrank": sum(p.numel() for p in lowrank.parameters()),
         "targeted_kept_ratio": kept / targets,
         "ranks": sorted(set(ranks.values())),
-        "fused_groups": fused_groups,
+        "fused_groups": groups,
     }
-    print(f"dense {results['params']['dense']:,} params, low-rank {results['params']['lowrank']:,} "
-          f"(targeted kept ratio {kept / targets:.3f}); device {device}, dtype {dtype}")
+    return variants, params
 
-    for tokens in [int(t) for t in args.micro_tokens.split(",") if t]:
-        row = micro_layer(dense.model.layers[0], lowrank.model.layers[0], tokens, device, dtype, args.repeat)
+
+def add_speedups(row: dict[str, Any], labels: list[str], key: str) -> None:
+    for label in labels[1:]:
+        if f"dense_{key}" in row and f"{label}_{key}" in row:
+            row[f"speedup_{label}"] = row[f"dense_{key}"] / row[f"{label}_{key}"]
+
+
+def main() -> None:
+    args = parse_args()
+    device = args.device
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    results: dict[str, Any] = {"machine": machine_info(), "args": vars(args), "micro": [], "prefill": [], "decode": []}
+
+    dense = llama_model(args.layers, dtype, device, **model_shape(args))
+    variants, results["params"] = build_variants(args, dense)
+    labels = [label for label, _, _ in variants]
+    print(f"dense {results['params']['dense']:,} params, low-rank {results['params']['lowrank']:,} "
+          f"(targeted kept ratio {results['params']['targeted_kept_ratio']:.3f}); device {device}, dtype {dtype}; {labels}")
+
+    lowrank_model = dict((label, model) for label, model, _ in variants).get("lowrank")
+    for tokens in [int(t) for t in args.micro_tokens.split(",") if t] if lowrank_model is not None else []:
+        row = micro_layer(dense.model.layers[0], lowrank_model.model.layers[0], tokens, device, dtype, args.repeat)
         results["micro"].append(row)
         print("micro", row)
         write_json(args.out, results)
@@ -146,45 +208,57 @@ def main() -> None:
     for spec in [s for s in args.prefill.split(",") if s]:
         batch, length = (int(v) for v in spec.split("x"))
         row: dict[str, Any] = {"batch": batch, "length": length}
-        for label, model in variants:
+        for label, model, on in variants:
             peak_memory_reset(device)
-            row[f"{label}_ms"] = 1e3 * prefill(model, batch, length, args.vocab, device, args.repeat)
+            with kernels_enabled(on):
+                row[f"{label}_ms"] = 1e3 * prefill(model, batch, length, args.vocab, device, args.repeat)
             row[f"{label}_peak_gib"] = peak_memory(device)
-        row["speedup"] = row["dense_ms"] / row["lowrank_ms"]
-        row["fused_speedup"] = row["dense_ms"] / row["fused_ms"]
+        add_speedups(row, labels, "ms")
         results["prefill"].append(row)
         print("prefill", row)
         write_json(args.out, results)
 
-    modes = [False] + ([True] if device.startswith("cuda") and not args.no_compile else [])
+    if args.profile and device.startswith("cuda"):
+        results["profile"] = []
+        for batch in [int(b) for b in args.decode_batches.split(",") if b]:
+            for label, model, on in variants:
+                torch._dynamo.reset()
+                with kernels_enabled(on):
+                    prof = {"variant": label, **profile_decode(model, batch, args.decode_prompt, args.decode_tokens, args.vocab, device)}
+                results["profile"].append(prof)
+                print("profile", label, batch, f"wall {prof['wall_ms']:.1f} ms, kernels {prof['gpu_kernel_ms']:.1f} ms")
+                for item in prof["top"]:
+                    print(f"   {item['ms']:9.3f} ms {item['calls']:6d}x {item['name']}")
+                write_json(args.out, results)
+
+    modes = ([] if args.no_eager_decode else [False]) + ([True] if device.startswith("cuda") and not args.no_compile else [])
     for compiled in modes:
         for batch in [int(b) for b in args.decode_batches.split(",") if b]:
             row = {"batch": batch, "mode": "static+compile" if compiled else "eager"}
-            for label, model in variants:
+            for label, model, on in variants:
                 try:
                     peak_memory_reset(device)
-                    row[f"{label}_ms_per_token"] = 1e3 * decode_latency(
-                        model, batch, args.decode_prompt, args.decode_tokens, args.vocab, device, compiled, args.repeat
-                    )
+                    with kernels_enabled(on):
+                        row[f"{label}_ms_per_token"] = 1e3 * decode_latency(
+                            model, batch, args.decode_prompt, args.decode_tokens, args.vocab, device, compiled, args.repeat
+                        )
                     row[f"{label}_peak_gib"] = peak_memory(device)
                 except Exception as err:  # report, don't hide: the table shows the failure
                     row[f"{label}_error"] = f"{type(err).__name__}: {str(err)[:300]}"
                     print(f"decode {label} failed: {row[f'{label}_error']}")
                 gc.collect()
-            for label in ("lowrank", "fused"):
-                if "dense_ms_per_token" in row and f"{label}_ms_per_token" in row:
-                    key = "speedup" if label == "lowrank" else "fused_speedup"
-                    row[key] = row["dense_ms_per_token"] / row[f"{label}_ms_per_token"]
+            add_speedups(row, labels, "ms_per_token")
             results["decode"].append(row)
             print("decode", row)
             write_json(args.out, results)
 
+    speedups = [f"speedup_{label}" for label in labels[1:]]
     print()
     print(markdown_table(results["micro"], ["tokens", "dense_ms", "lowrank_ms", "speedup"]))
     print()
-    print(markdown_table(results["prefill"], ["batch", "length", "dense_ms", "lowrank_ms", "fused_ms", "speedup", "fused_speedup", "dense_peak_gib", "lowrank_peak_gib"]))
+    print(markdown_table(results["prefill"], ["batch", "length"] + [f"{label}_ms" for label in labels] + speedups))
     print()
-    print(markdown_table(results["decode"], ["mode", "batch", "dense_ms_per_token", "lowrank_ms_per_token", "fused_ms_per_token", "speedup", "fused_speedup", "dense_peak_gib", "lowrank_peak_gib"]))
+    print(markdown_table(results["decode"], ["mode", "batch"] + [f"{label}_ms_per_token" for label in labels] + speedups))
     write_json(args.out, results)
 
 

@@ -145,9 +145,8 @@ def main(argv=None) -> dict:
     results["settings"] = vars(args) | {"dataset": data.name, "eval_users": len(test), "total_s": round(time.time() - t0, 1)}
 
     compressor.model = recovered  # save the recovered factors with the compressor's card and report
-    compressor.item_index_file = index.save(out)
-    compressor.eval_results = {data.name: {m: results[name][m] for m in METRICS}}
-    compressor.save_pretrained(out / "recovered")
+    compressor.artifacts["item_index.json"] = Path(index.save(out))
+    compressor.save_pretrained(out / "recovered", eval_results={data.name: {m: results[name][m] for m in METRICS}})
 
     lines = ["| model | params | " + " | ".join(METRICS) + " |", "|---|---|" + "---|" * len(METRICS)]
     for key, r in results.items():

@@ -7,20 +7,17 @@ any forward pass, so bad data fails in milliseconds with an error that says what
 
 from __future__ import annotations
 
-import json
 import numbers
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
 
 @dataclass
-class CalibrationBatch:
-    """Right-padded token ids ``[N, L]`` and a 0/1 mask of the real (non-pad) tokens."""
+class CalibrationSet:
+    """The whole calibration set: right-padded token ids ``[N, L]`` and a 0/1 mask of the real tokens."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
@@ -29,7 +26,8 @@ class CalibrationBatch:
     def num_tokens(self) -> int:
         return int(self.attention_mask.sum())
 
-    def batches(self, batch_size: int):
+    def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Consecutive slices of ``batch_size`` sequences (the last one may be shorter)."""
         for start in range(0, self.input_ids.shape[0], batch_size):
             yield self.input_ids[start : start + batch_size], self.attention_mask[start : start + batch_size]
 
@@ -81,7 +79,7 @@ def _rows(value: Any, what: str) -> list:
     raise ValueError(f"Calibration '{what}' must be a 2-D tensor or a list of sequences, got {type(value).__name__}.")
 
 
-def _from_token_lists(sequences: Sequence[Sequence[int]], pad_token_id: int) -> CalibrationBatch:
+def _from_token_lists(sequences: Sequence[Sequence[int]], pad_token_id: int) -> CalibrationSet:
     sequences = [list(seq) for seq in sequences]
     length = max(len(seq) for seq in sequences)
     ids = torch.full((len(sequences), length), pad_token_id, dtype=torch.long)
@@ -89,7 +87,7 @@ def _from_token_lists(sequences: Sequence[Sequence[int]], pad_token_id: int) -> 
     for row, seq in enumerate(sequences):
         ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
         mask[row, : len(seq)] = 1
-    return CalibrationBatch(ids, mask)
+    return CalibrationSet(ids, mask)
 
 
 def _tokenize(texts: Sequence[str], tokenizer: Any, max_length: int) -> list[list[int]]:
@@ -112,8 +110,8 @@ def prepare_calibration(
     min_tokens: int = 64,
     vocab_size: int | None = None,
     pad_token_id: int | None = None,
-) -> CalibrationBatch:
-    """Normalize ``data`` to a :class:`CalibrationBatch` of at most ``num_samples`` sequences.
+) -> CalibrationSet:
+    """Normalize ``data`` to a :class:`CalibrationSet` of at most ``num_samples`` sequences.
 
     Raises ``ValueError`` for empty data, pad-only data, fewer than ``min_tokens`` real tokens,
     token ids outside ``[0, vocab_size)``, strings without a tokenizer, or an unknown type.
@@ -154,7 +152,7 @@ def prepare_calibration(
         # A tensor carries no padding information: every position counts unless it is the pad id
         # *and* pad differs from real content (tensors from tokenizers are usually unpadded).
         mask = torch.ones_like(ids)
-        batch = CalibrationBatch(ids, mask)
+        batch = CalibrationSet(ids, mask)
     else:
         if _is_dataset(data):
             columns = data.column_names
@@ -235,67 +233,3 @@ def _is_dataset(data: Any) -> bool:
     except ImportError:  # pragma: no cover - datasets is a dependency
         return False
     return isinstance(data, datasets.Dataset)
-
-
-def validate_item_index_file(path: str | os.PathLike, tokenizer: Any = None, vocab_size: int | None = None):
-    """Load an LC-Rec ``item_index.json`` and check it fits the tokenizer (and the model's vocabulary).
-
-    Returns the :class:`~optimum_odllm.recsys.indexing.ItemIndex`. Raises ``ValueError`` naming the file
-    for a malformed file, index tokens the tokenizer does not know (an index built for another
-    tokenizer) or token ids beyond the embedding matrix.
-    """
-    from .recsys.indexing import LEVEL_NAMES, ItemIndex
-
-    path = Path(path)
-    if path.is_dir():
-        path = path / "item_index.json"
-
-    def bad(problem: str) -> ValueError:
-        return ValueError(f"Item index file {path} {problem}. Rebuild it (optimum-cli odllm index) or fix the path.")
-
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
-        raise bad(f"cannot be read as JSON ({type(err).__name__}: {str(err)[:200]})") from None
-    if not isinstance(data, dict) or not isinstance(data.get("codes"), list):
-        raise bad("has no 'codes' list")
-    codes = data["codes"]
-    for row, code in enumerate(codes):
-        if not isinstance(code, list) or not code or not all(
-            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in code
-        ):
-            raise bad(f"has an invalid code for item {row} ({str(code)[:80]}): codes are lists of non-negative integers")
-        if len(code) > len(LEVEL_NAMES):
-            raise bad(f"has a code with {len(code)} levels; at most {len(LEVEL_NAMES)} are supported")
-    item_ids = data.get("item_ids", [])
-    if not isinstance(item_ids, list) or not all(isinstance(i, str) for i in item_ids):
-        raise bad("has 'item_ids' that are not a list of strings")
-    if item_ids and len(item_ids) != len(codes):
-        raise bad(f"has {len(item_ids)} item_ids but {len(codes)} codes")
-    levels = data.get("levels")
-    if codes and levels is not None and levels != len(codes[0]):
-        raise bad(f"declares levels={levels!r} but its codes have {len(codes[0])} levels")
-    try:
-        index = ItemIndex(codes=[tuple(c) for c in codes], item_ids=list(item_ids))
-    except ValueError as err:
-        raise bad(f"is inconsistent ({err})") from None
-    if tokenizer is None:
-        return index
-    vocab = tokenizer.get_vocab()
-    tokens = index.all_tokens()
-    missing = [t for t in tokens if t not in vocab]
-    if missing:
-        raise ValueError(
-            f"Item index file {path} does not match the tokenizer: {len(missing)} of its {len(tokens)} index tokens "
-            f"(e.g. {missing[0]}) are not in the vocabulary. Use the tokenizer saved with this recommender (the index "
-            "was built for another one), or add the tokens with recsys.instructions.add_index_tokens."
-        )
-    if vocab_size is not None:
-        too_large = [t for t in tokens if vocab[t] >= vocab_size]
-        if too_large:
-            raise ValueError(
-                f"Item index file {path}: the tokenizer maps index token {too_large[0]} to id {vocab[too_large[0]]}, "
-                f"beyond the model's {vocab_size} embeddings. Resize the embeddings "
-                "(model.resize_token_embeddings(len(tokenizer))) or use the matching model."
-            )
-    return index

@@ -21,7 +21,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors import SafetensorError
@@ -33,15 +33,7 @@ logger = logging.get_logger(__name__)
 
 CHECKPOINT_DIRNAME = ".odllm_checkpoint"
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
-
-#: ODLLMConfig settings that change the result (``ranks`` and provenance extras are not inputs).
-FINGERPRINT_SETTINGS = (
-    "ratio", "whitening", "progressive", "target_modules", "modules_to_not_convert", "rank_multiple",
-    "num_calibration_samples", "calibration_seq_len", "min_calibration_tokens", "calibration_batch_size",
-    "covariance_dtype", "solver_dtype", "svd_driver",
-)
-
+FORMAT_VERSION = 2  # 2: per-file SHA-256 digests in the manifest
 
 class CheckpointError(ValueError):
     """A resume checkpoint is unreadable or was made with different settings, data or model."""
@@ -60,24 +52,54 @@ def hash_tensors(*tensors: torch.Tensor) -> str:
     return digest.hexdigest()
 
 
-def settings_fingerprint(config: Any) -> str:
-    settings = {key: getattr(config, key, None) for key in FINGERPRINT_SETTINGS}
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+def settings_fingerprint(config: Any) -> dict[str, Any]:
+    """Every setting of the config, read from the settings table (so none can be forgotten), keyed for the manifest."""
+    return {f"setting {name}": value for name, value in json.loads(json.dumps(config.settings_dict())).items()}
 
 
 def model_fingerprint(model: torch.nn.Module, targets: dict[str, torch.nn.Module], ranks: dict[str, int | None]) -> str:
-    """Architecture, dtype, target shapes/ranks and a sample of the weights (cheap even for 7B models)."""
+    """Architecture, target ranks and every byte of every parameter and buffer (tied weights once).
+
+    All of them can change a result: the targeted weights, but also norms, biases and the embeddings
+    that feed layer 0. Hashing is about 1.5 GB/s, a few seconds for a 7B model, once per run.
+    """
     digest = hashlib.sha256()
     digest.update(type(model).__name__.encode())
     for name, module in targets.items():
-        weight = module.weight
-        digest.update(f"{name}|{tuple(weight.shape)}|{weight.dtype}|{ranks.get(name)}|".encode())
-        digest.update(_tensor_bytes(weight[0]))
-        digest.update(_tensor_bytes(weight[-1]))
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if embeddings is not None and getattr(embeddings, "weight", None) is not None:
-        digest.update(_tensor_bytes(embeddings.weight))
+        digest.update(f"{name}|{type(module).__name__}|{ranks.get(name)}|".encode())
+    seen: set[int] = set()
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        if id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
+        digest.update(_tensor_bytes(tensor))
     return digest.hexdigest()
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file's bytes (so a flipped bit in a resume file is caught, not resumed from)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_writable(directory: str | os.PathLike) -> Path:
+    """Create ``directory`` if needed and prove a file can be written there, before any work starts."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".odllm-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise ValueError(
+            f"checkpoint_dir {directory} cannot be written ({type(err).__name__}: {err}). "
+            "Pass a writable directory (or checkpoint=False / no checkpoint_dir)."
+        ) from None
+    return directory
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -132,7 +154,7 @@ class LayerCheckpointer:
     def exists(self) -> bool:
         return self.manifest_path.exists()
 
-    def _fail(self, problem: str) -> CheckpointError:
+    def fail(self, problem: str) -> CheckpointError:
         return CheckpointError(
             f"Cannot resume from the checkpoint in {self.directory}: {problem}. "
             f"Delete {self.directory} or pass resume=False to start over."
@@ -143,15 +165,15 @@ class LayerCheckpointer:
         try:
             manifest = json.loads(self.manifest_path.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise self._fail(f"{MANIFEST} is unreadable ({type(err).__name__}: {err})") from None
+            raise self.fail(f"{MANIFEST} is unreadable ({type(err).__name__}: {err})") from None
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION:
-            raise self._fail(f"{MANIFEST} is not an OD-LLM checkpoint manifest of format {FORMAT_VERSION}")
+            raise self.fail(f"{MANIFEST} is not an OD-LLM checkpoint manifest of format {FORMAT_VERSION}")
         saved = manifest.get("fingerprint")
         if not isinstance(saved, dict):
-            raise self._fail(f"{MANIFEST} has no fingerprint")
+            raise self.fail(f"{MANIFEST} has no fingerprint")
         different = sorted(k for k in set(saved) | set(self.fingerprint) if saved.get(k) != self.fingerprint.get(k))
         if different:
-            raise self._fail(
+            raise self.fail(
                 f"it was made with different {', '.join(different)} (checkpoint was made with different settings/data)"
             )
         layers = manifest.get("layers")
@@ -165,17 +187,21 @@ class LayerCheckpointer:
             or not all(isinstance(entry, dict) and isinstance(entry.get("file"), str) and isinstance(entry.get("modules"), list) for entry in layers)
             or not isinstance(manifest.get("state_file"), str)
         ):
-            raise self._fail(f"{MANIFEST} is malformed")
+            raise self.fail(f"{MANIFEST} is malformed")
         return manifest
 
     def _load(self, file_name: str) -> dict[str, torch.Tensor]:
         path = self.directory / file_name
         if Path(file_name).name != file_name or not file_name.endswith(".safetensors"):
-            raise self._fail(f"{MANIFEST} names an invalid file {file_name!r}")
+            raise self.fail(f"{MANIFEST} names an invalid file {file_name!r}")
         try:
-            return load_file(path)
+            tensors = load_file(path)
+            actual = file_digest(path)
         except (OSError, SafetensorError, ValueError) as err:
-            raise self._fail(f"{file_name} is unreadable ({type(err).__name__}: {err})") from None
+            raise self.fail(f"{file_name} is unreadable ({type(err).__name__}: {err})") from None
+        if actual != (self._manifest or {}).get("digests", {}).get(file_name):
+            raise self.fail(f"{file_name} is damaged: its SHA-256 digest does not match the one in {MANIFEST}")
+        return tensors
 
     def load(self, num_batches: int) -> ResumeState:
         """Everything needed to continue after the last completed layer."""
@@ -191,8 +217,30 @@ class LayerCheckpointer:
             reference = [state[f"reference.{b}"] for b in range(num_batches)]
             drifted = [state[f"drifted.{b}"] for b in range(num_batches)] if "drifted.0" in state else None
         except KeyError as err:
-            raise self._fail(f"{manifest['state_file']} lacks hidden states {err}") from None
+            raise self.fail(f"{manifest['state_file']} lacks hidden states {err}") from None
         return ResumeState(manifest["completed_layers"], factors, modules, reference, drifted)
+
+    def restore(
+        self,
+        state: ResumeState,
+        expected_shapes: dict[str, tuple[tuple[int, int], tuple[int, int]]],
+        install: Callable[[str, torch.Tensor, torch.Tensor], None],
+    ) -> int:
+        """Hand the checkpointed factors of layers ``0..completed-1`` to ``install``; return the next layer.
+
+        ``expected_shapes`` maps every module those layers should have factorized to its
+        ``(up shape, down shape)``; anything else in the checkpoint is refused.
+        """
+        saved = {key.rsplit(".", 2)[0] for key in state.factors}
+        if saved != set(expected_shapes):
+            odd = sorted(saved ^ set(expected_shapes))
+            raise self.fail(f"its factors do not match the modules to compress (e.g. {odd[:3]})")
+        for name in sorted(expected_shapes):
+            up, down = state.factors.get(name + ".up.weight"), state.factors.get(name + ".down.weight")
+            if up is None or down is None or (tuple(up.shape), tuple(down.shape)) != expected_shapes[name]:
+                raise self.fail(f"the factors of {name} are missing or have the wrong shape")
+            install(name, up, down)
+        return state.completed_layers
 
     def save_layer(
         self,
@@ -213,6 +261,8 @@ class LayerCheckpointer:
         state_file = f"state-{index:05d}.safetensors"
         tensors = {name: t.detach().to("cpu").contiguous() for name, t in factors.items()}
         _atomic_write(self.directory / layer_file, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+        digests = dict(self._manifest.get("digests", {}))
+        digests[layer_file] = file_digest(self.directory / layer_file)
         state: dict[str, torch.Tensor] = {}
         seen: set[int] = set()
         streams = [("reference", reference)] + ([("drifted", drifted)] if drifted is not None else [])
@@ -224,7 +274,11 @@ class LayerCheckpointer:
                 seen.add(h.data_ptr())
                 state[f"{stream}.{b}"] = h
         _atomic_write(self.directory / state_file, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+        digests[state_file] = file_digest(self.directory / state_file)
         previous_state = self._manifest.get("state_file")
+        if previous_state and previous_state != state_file:
+            digests.pop(previous_state, None)
+        self._manifest["digests"] = digests
         self._manifest["layers"] = self._manifest["layers"][:index] + [{"index": index, "file": layer_file, "modules": modules}]
         self._manifest["completed_layers"] = index + 1
         self._manifest["state_file"] = state_file

@@ -105,9 +105,9 @@ def _resolve_file(model: str, filename: str, revision: str | None = None, token:
 def load_calibration(args: argparse.Namespace, model_path: str, tokenizer: Any) -> tuple[Any, str | None]:
     """The ``--calibration`` source as something ``ODLLMCompressor.compress`` accepts, plus a description."""
     spec = args.calibration
-    n = args.num_samples
+    n = args.num_calibration_samples
     if spec.lower() == "none":
-        if not (args.no_whitening and args.no_progressive):
+        if args.whitening or args.progressive:
             raise CLIError("--calibration none (data-free) only works with --no-whitening --no-progressive.")
         return None, None
     if spec.lower() == "recsys":
@@ -162,17 +162,30 @@ def load_calibration(args: argparse.Namespace, model_path: str, tokenizer: Any) 
 
 
 # ---------------------------------------------------------------------------------------------- compress
+def check_device(requested: str | None) -> None:
+    """Refuse a device string torch does not know, or CUDA on a machine without it, before loading anything."""
+    import torch
+
+    if requested is None:
+        return
+    try:
+        device = torch.device(requested)
+    except (RuntimeError, ValueError) as err:
+        raise CLIError(f"--device {requested!r} is not a device torch knows ({err}); use e.g. cpu or cuda.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError(f"--device {requested}: CUDA is not available on this machine (torch {torch.__version__}); use --device cpu.")
+
+
 def run_compress(args: argparse.Namespace) -> Path:
     """Load, compress, save (and optionally push)."""
     import torch
 
     from . import ODLLMCompressor, ODLLMConfig
+    from .checkpointing import CHECKPOINT_DIRNAME
+    from .settings import SETTING_NAMES
 
-    config = ODLLMConfig(
-        ratio=args.ratio, whitening=not args.no_whitening, progressive=not args.no_progressive,
-        target_modules=args.target_modules, rank_multiple=args.rank_multiple, num_calibration_samples=args.num_samples,
-        calibration_seq_len=args.seq_len, min_calibration_tokens=args.min_calibration_tokens,
-    )
+    config = ODLLMConfig(**{name: getattr(args, name) for name in SETTING_NAMES})
+    check_device(args.device)
     model_kwargs: dict[str, Any] = {}
     if args.dtype:
         model_kwargs["dtype"] = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
@@ -184,7 +197,8 @@ def run_compress(args: argparse.Namespace) -> Path:
     compressor.calibration_source = description
     if compressor.tokenizer is not None and getattr(compressor.tokenizer, "pad_token", None) is None:
         compressor.tokenizer.pad_token = compressor.tokenizer.eos_token
-    compressor.compress(calibration, device=args.device)
+    checkpoint_dir = Path(args.output) / CHECKPOINT_DIRNAME if args.resume else None
+    compressor.compress(calibration, device=args.device, checkpoint_dir=checkpoint_dir, resume=args.resume)
     report = compressor.report
     out = compressor.save_pretrained(args.output)
     print(
@@ -261,7 +275,7 @@ def run_train(args: argparse.Namespace) -> Path:
     )
     from .compressor import ODLLMCompressor
     from .training import apply_lora_to_factors, lowrank_modules, mark_factors_trainable, merge_lora, sample_calibration
-    from .utils import atomic_directory
+    from .saving import staged_directory
 
     torch.manual_seed(args.seed)
     data = load_rec_dataset(args.dataset, args.data_path, args.items)
@@ -322,10 +336,10 @@ def run_train(args: argparse.Namespace) -> Path:
             compressor = ODLLMCompressor(model, config=config, tokenizer=tokenizer)
             compressor.compress(sample_calibration(samples, args.calibration_samples, args.seed))
             compressor.calibration_source = f"{data.name} training samples ({compressor.report.num_calibration_samples} sampled)"
-            compressor.item_index_file = index_file
+            compressor.artifacts[INDEX_FILE] = Path(index_file)
             compressor.save_pretrained(output)
         else:
-            with atomic_directory(output) as tmp:
+            with staged_directory(output, protected=[args.model]) as tmp:
                 model.save_pretrained(tmp)
                 tokenizer.save_pretrained(tmp)
                 shutil.copyfile(index_file, tmp / INDEX_FILE)
@@ -359,13 +373,20 @@ COMMANDS = {"compress": run_compress, "evaluate": run_evaluate, "train": run_tra
 
 
 def run_command(name: str, args: argparse.Namespace) -> Any:
-    """Run one subcommand; user errors print ``error: ...`` and exit with status 2."""
+    """Run one subcommand; user errors print one ``error: ...`` line and exit with status 2 (as argparse does).
+
+    Value and environment errors (bad settings, missing paths, wrong devices, incompatible models) are user
+    errors; anything else is a bug and keeps its traceback.
+    """
     _setup_logging()
     try:
         return COMMANDS[name](args)
     except CLIError as err:
         print(f"error: {err.message}", file=sys.stderr)
         raise
+    except (ValueError, OSError, TypeError, FloatingPointError, ImportError) as err:
+        print(f"error: {err}".replace("\n", " "), file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -373,8 +394,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.command:
-        parser.print_help()
-        return 1
+        parser.print_usage(sys.stderr)
+        parser.exit(2, f"{parser.prog}: error: choose a command: {', '.join(COMMANDS)}\n")
     run_command(args.command, args)
     return 0
 

@@ -9,6 +9,19 @@ from __future__ import annotations
 
 import argparse
 
+try:
+    from .settings import SETTINGS
+except ImportError:  # executed standalone by optimum-cli's register module (the package is not imported)
+    import importlib.util as _util
+    import sys as _sys
+    from pathlib import Path as _Path
+
+    _spec = _util.spec_from_file_location("_optimum_odllm_settings", _Path(__file__).with_name("settings.py"))
+    _settings = _util.module_from_spec(_spec)
+    _sys.modules[_spec.name] = _settings  # dataclasses resolve the module by name
+    _spec.loader.exec_module(_settings)
+    SETTINGS = _settings.SETTINGS
+
 COMMAND_HELP = {
     "odllm": "OD-LLM: compress, evaluate and train LLM-based sequential recommenders (optimum-odllm).",
     "compress": "Compress a causal LM / recommender with OD-LLM (whitened SVD + progressive alignment) and save it.",
@@ -53,16 +66,32 @@ def _add_hub_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--token", default=None, help="Hub token (default: the one stored by `hf auth login`).")
 
 
+def add_setting_arguments(parser: argparse.ArgumentParser) -> None:
+    """One option per ``ODLLMConfig`` setting, generated from :data:`optimum_odllm.settings.SETTINGS`."""
+    group = parser.add_argument_group("OD-LLM settings (ODLLMConfig fields)")
+    for setting in SETTINGS:
+        flags = [setting.flag, *setting.aliases]
+        shown = "none" if setting.default is None else " ".join(setting.default) if isinstance(setting.default, list) else setting.default
+        help_text = f"{setting.help} (default: {shown})."
+        if setting.kind == "bool":
+            group.add_argument(*flags, dest=setting.name, action=argparse.BooleanOptionalAction, default=setting.default, help=help_text)
+        elif setting.kind == "names":
+            group.add_argument(*flags, dest=setting.name, nargs="+", default=setting.default, metavar="NAME", help=help_text)
+        elif setting.kind == "choice":
+            choices = [c for c in setting.choices if c is not None]
+            group.add_argument(*flags, dest=setting.name, choices=choices, default=setting.default, help=help_text)
+        else:
+            kind = {"fraction": float, "damping": float, "int": int}.get(setting.kind, str)
+            group.add_argument(*flags, dest=setting.name, type=kind, default=setting.default, help=help_text)
+
+
 def add_compress_arguments(parser: argparse.ArgumentParser) -> None:
-    """``compress MODEL --ratio R --calibration SRC --output DIR``."""
+    """``compress MODEL --ratio R --calibration SRC --output DIR`` plus every ``ODLLMConfig`` setting."""
     parser.add_argument("model", help="Hub model id or local directory of the dense causal LM / recommender to compress.")
     parser.add_argument(
         "-o", "--output", required=True,
-        help="directory to write the compressed checkpoint to (written atomically; replaced if it exists).",
-    )
-    parser.add_argument(
-        "--ratio", type=float, default=0.5,
-        help="fraction of the targeted parameters to keep, in (0, 1] (default: 0.5; 0.3 is aggressive).",
+        help="directory to write the compressed checkpoint into (created if needed; files already there that the "
+        "save does not write are kept; the model's own directory is refused).",
     )
     parser.add_argument(
         "--calibration", default="recsys",
@@ -75,25 +104,7 @@ def add_compress_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text-column", default="text", help="text column of a calibration table/dataset (default: text).")
     parser.add_argument("--dataset-config", default=None, help="config name of a Hub calibration dataset.")
     parser.add_argument("--dataset-split", default="train", help="split of a Hub/local calibration dataset (default: train).")
-    parser.add_argument(
-        "--num-samples", type=int, default=256,
-        help="calibration sequences to use (default: 256, as OD-LLM).",
-    )
-    parser.add_argument("--seq-len", type=int, default=2048, help="truncate calibration sequences to this many tokens.")
-    parser.add_argument(
-        "--min-calibration-tokens", type=int, default=64,
-        help="refuse calibration data with fewer non-padding tokens than this (default: 64).",
-    )
-    parser.add_argument("--no-whitening", action="store_true", help="plain SVD of W instead of SVD of W S (ablation).")
-    parser.add_argument("--no-progressive", action="store_true", help="disable progressive layer-wise alignment (ablation).")
-    parser.add_argument(
-        "--rank-multiple", type=int, default=128,
-        help="round ranks to this multiple for efficient GEMMs (default: 128; use 8 for small models).",
-    )
-    parser.add_argument(
-        "--target-modules", nargs="+", default=None,
-        help="name suffixes of the nn.Linear modules to factorize (default: every linear in the decoder layers).",
-    )
+    add_setting_arguments(parser)
     parser.add_argument(
         "--device", default=None,
         help="device each layer is processed on, e.g. cuda or cpu (default: cuda if available).",
@@ -101,6 +112,11 @@ def add_compress_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"],
         help="dtype to load the model in (default: the checkpoint's).",
+    )
+    parser.add_argument(
+        "--resume", action="store_true",
+        help="checkpoint every finished layer into OUTPUT/.odllm_checkpoint and continue from it if a previous run "
+        "with the same settings, data and model was interrupted (the result is bit-identical).",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the calibration sample (default: 0).")
     _add_dataset_arguments(parser, required=False)
@@ -180,7 +196,7 @@ ADDERS = {"compress": add_compress_arguments, "evaluate": add_evaluate_arguments
 def build_parser(prog: str = "optimum-odllm") -> argparse.ArgumentParser:
     """The console-script parser: ``optimum-odllm compress|evaluate|train ...``."""
     parser = argparse.ArgumentParser(prog=prog, description=COMMAND_HELP["odllm"])
-    sub = parser.add_subparsers(dest="command", metavar="{compress,evaluate,train}")
+    sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(ADDERS) + "}")
     for name, add in ADDERS.items():
         add(sub.add_parser(name, help=COMMAND_HELP[name], description=COMMAND_HELP[name]))
     return parser

@@ -2,20 +2,27 @@
 
 Like VPTQ/SpQR configs, it carries per-module settings: after compression ``ranks`` maps every
 factorized module (full dotted name) to its rank, which is all the loader needs to rebuild the
-low-rank modules on the meta device before the safetensors weights are loaded.
+low-rank modules on the meta device before the safetensors weights are loaded. The settings
+themselves are declared once, in :data:`optimum_odllm.settings.SETTINGS`.
 """
 
 from __future__ import annotations
 
+import difflib
 import math
 from typing import Any
 
+from transformers.utils import logging
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from .settings import DEFAULTS, SETTING_NAMES, SETTINGS
+from .solvers import ALIGNMENTS
+
+
+logger = logging.get_logger(__name__)
 
 QUANT_METHOD = "odllm"
-_COV_DTYPES = ("float64", "float32")
-_SVD_DRIVERS = (None, "gesvd", "gesvdj", "gesvda")
+_RESULT_FIELDS = ("quant_method", "ranks")
 
 
 def _as_list(value: Any) -> Any:
@@ -27,105 +34,87 @@ def _as_list(value: Any) -> Any:
     return value
 
 
+def _unknown_keyword(name: str) -> TypeError:
+    close = difflib.get_close_matches(name, SETTING_NAMES + ("ranks",), n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return TypeError(f"ODLLMConfig got an unknown setting {name!r}.{hint} Valid settings: {', '.join(SETTING_NAMES)}.")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 class ODLLMConfig(QuantizationConfigMixin):
     """Settings of an OD-LLM compression, and the result (``ranks``) once compressed.
 
-    Args:
-        ratio: fraction of the targeted modules' parameters the compressed model keeps, in (0, 1].
-        whitening: token covariance normalization (SVD of ``W S`` with ``X^T X = S S^T``); ``False`` = plain SVD of ``W``.
-        progressive: progressive layer-wise alignment (drifted inputs + closed-form least-squares update).
-        target_modules: name suffixes of the ``nn.Linear`` modules to factorize (e.g. ``["q_proj", "mlp"]``);
-            ``None`` = every ``nn.Linear`` inside the decoder layers.
-        modules_to_not_convert: name suffixes never factorized (takes precedence over ``target_modules``).
-        rank_multiple: ranks are rounded to this multiple (hardware-friendly GEMM shapes); small modules
-            fall back to a smaller power of two.
-        num_calibration_samples: how many calibration sequences are used (the rest is ignored).
-        calibration_seq_len: sequences are truncated to this many tokens.
-        min_calibration_tokens: refuse calibration data with fewer non-padding tokens than this.
-        calibration_batch_size: sequences per forward pass while capturing activations.
-        covariance_dtype: accumulation dtype of ``X^T X`` (``"float64"`` default, ``"float32"`` for speed on GPU).
-        solver_dtype: dtype of the Cholesky/SVD/least-squares solves.
-        alignment_damping: ridge term of the progressive least-squares update, as a fraction of the mean
-            input variance (GPTQ-style damping; 0 = exact least squares, which can blow up directions the
-            calibration data barely covers).
-        svd_driver: ``torch.linalg.svd`` driver on CUDA (e.g. ``"gesvda"``); ignored on CPU.
-        ranks: filled by the compressor: ``{module_name: rank}`` of every factorized module.
+    Every keyword is a setting of :data:`optimum_odllm.settings.SETTINGS` (``ODLLMConfig.settings()``
+    lists them with their help text); a misspelled keyword raises naming the closest one.
+    ``ranks`` is filled by the compressor: ``{module_name: rank}`` of every factorized module.
     """
 
-    def __init__(
-        self,
-        ratio: float = 0.5,
-        whitening: bool = True,
-        progressive: bool = True,
-        target_modules: list[str] | None = None,
-        modules_to_not_convert: list[str] | None = None,
-        rank_multiple: int = 128,
-        num_calibration_samples: int = 256,
-        calibration_seq_len: int = 2048,
-        min_calibration_tokens: int = 64,
-        calibration_batch_size: int = 8,
-        covariance_dtype: str = "float64",
-        solver_dtype: str = "float64",
-        svd_driver: str | None = None,
-        alignment_damping: float = 0.01,
-        ranks: dict[str, int] | None = None,
-        **kwargs: Any,
-    ):
+    def __init__(self, ranks: dict[str, int] | None = None, **settings: Any):
+        for name in settings:
+            if name not in DEFAULTS and name != "quant_method":
+                raise _unknown_keyword(name)
         self.quant_method = QUANT_METHOD
-        self.ratio = ratio
-        self.whitening = whitening
-        self.progressive = progressive
-        self.target_modules = _as_list(target_modules)
-        self.modules_to_not_convert = _as_list(modules_to_not_convert)
-        self.rank_multiple = rank_multiple
-        self.num_calibration_samples = num_calibration_samples
-        self.calibration_seq_len = calibration_seq_len
-        self.min_calibration_tokens = min_calibration_tokens
-        self.calibration_batch_size = calibration_batch_size
-        self.covariance_dtype = covariance_dtype
-        self.solver_dtype = solver_dtype
-        self.svd_driver = svd_driver
-        self.alignment_damping = alignment_damping
+        for name, default in DEFAULTS.items():
+            value = settings.get(name, default)
+            setattr(self, name, _as_list(value) if name in ("target_modules", "modules_to_not_convert") else value)
         self.ranks = dict(ranks) if isinstance(ranks, dict) else ({} if ranks is None else ranks)
-        # Extra keys (e.g. provenance written by the compressor) survive a save/load round-trip.
-        for key, value in kwargs.items():
-            setattr(self, key, value)
         self.post_init()
+
+    @staticmethod
+    def settings() -> dict[str, str]:
+        """``{setting: help text}`` in the order data flows through the pipeline."""
+        return {s.name: s.help for s in SETTINGS}
+
+    def settings_dict(self) -> dict[str, Any]:
+        """The current value of every setting (not the result): what decides a compression's outcome."""
+        return {name: getattr(self, name) for name in SETTING_NAMES}
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs: Any):
+        """Build from a saved ``quantization_config``; keys written by another version are dropped with a warning."""
+        known = {k: v for k, v in config_dict.items() if k in DEFAULTS or k in _RESULT_FIELDS}
+        dropped = sorted(set(config_dict) - set(known))
+        if dropped:
+            logger.warning(f"Ignoring quantization_config keys this version of optimum-odllm does not know: {dropped}")
+        return super().from_dict(known, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
     def post_init(self) -> None:
         """Validate every setting up front, with an error that names the fix."""
-        damping = self.alignment_damping
-        if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not 0 <= damping < 1:
-            raise ValueError(f"alignment_damping must be a number in [0, 1), got {damping!r} (0.01 is a good default)")
-        if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or math.isnan(self.ratio):
-            raise ValueError(f"ratio must be a number in (0, 1], got {self.ratio!r}")
-        if not 0 < self.ratio <= 1:
-            raise ValueError(
-                f"ratio must be in (0, 1] (the fraction of parameters to keep), got {self.ratio}. "
-                "For example ratio=0.5 keeps half of the targeted parameters."
-            )
-        for flag in ("whitening", "progressive"):
-            if not isinstance(getattr(self, flag), bool):
-                raise ValueError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
-        for name in ("rank_multiple", "num_calibration_samples", "calibration_seq_len", "calibration_batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if isinstance(self.min_calibration_tokens, bool) or not isinstance(self.min_calibration_tokens, int):
-            raise ValueError(f"min_calibration_tokens must be an integer, got {self.min_calibration_tokens!r}")
-        for name in ("covariance_dtype", "solver_dtype"):
-            if getattr(self, name) not in _COV_DTYPES:
-                raise ValueError(f"{name} must be one of {_COV_DTYPES}, got {getattr(self, name)!r}")
-        for name in ("target_modules", "modules_to_not_convert"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, list) or not all(isinstance(v, str) and v for v in value)):
-                raise ValueError(f"{name} must be a list of module-name suffixes (non-empty strings), got {value!r}")
-        if self.svd_driver not in _SVD_DRIVERS:
-            raise ValueError(f"svd_driver must be one of {_SVD_DRIVERS}, got {self.svd_driver!r}")
+        for setting in SETTINGS:
+            value = getattr(self, setting.name)
+            kind = setting.kind
+            if kind == "fraction":
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or not 0 < value <= 1:
+                    raise ValueError(
+                        f"{setting.name} must be in (0, 1] (the fraction of parameters to keep), got {value!r}. "
+                        "For example ratio=0.5 keeps half of the targeted parameters."
+                    )
+            elif kind == "damping":
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+                    raise ValueError(f"{setting.name} must be a number in [0, 1), got {value!r} (0.01 is a good default)")
+            elif kind == "bool" and not isinstance(value, bool):
+                raise ValueError(f"{setting.name} must be True or False, got {value!r}")
+            elif kind == "int":
+                minimum = 0 if setting.name == "min_calibration_tokens" else 1
+                if not _is_int(value) or value < minimum:
+                    raise ValueError(f"{setting.name} must be an integer >= {minimum}, got {value!r}")
+            elif kind == "choice" and value not in setting.choices:
+                raise ValueError(f"{setting.name} must be one of {setting.choices}, got {value!r}")
+            elif kind == "names" and value is not None and (
+                not isinstance(value, list) or not all(isinstance(v, str) and v for v in value)
+            ):
+                raise ValueError(f"{setting.name} must be a list of module-name suffixes (non-empty strings), got {value!r}")
+            elif kind == "name" and value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"{setting.name} must be a non-empty string, got {value!r}")
+        if self.alignment not in ALIGNMENTS:
+            raise ValueError(f"alignment must be one of the registered variants {sorted(ALIGNMENTS)}, got {self.alignment!r}")
         if not isinstance(self.ranks, dict):
             raise ValueError(f"ranks must be a dict {{module_name: rank}}, got {type(self.ranks).__name__}")
         for module, rank in self.ranks.items():
-            if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            if not _is_int(rank) or rank < 1:
                 raise ValueError(f"ranks[{module!r}] must be a positive integer, got {rank!r}")
 
     @property

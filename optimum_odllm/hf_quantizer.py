@@ -4,25 +4,53 @@ Registered under ``quant_method="odllm"`` when ``optimum_odllm`` is imported, so
 ``AutoModelForCausalLM.from_pretrained(path)`` reads ``quantization_config`` from config.json, swaps
 the factorized ``nn.Linear`` modules for :class:`LowRankLinear` on the meta device, and then loads
 the ``up``/``down`` factors from safetensors like any other weights.
+
+Loading *without* ``import optimum_odllm`` must never give a model with random projections. transformers
+skips an unknown ``quant_method`` with a warning, builds plain ``nn.Linear`` layers and would initialize
+them randomly; but it refuses a checkpoint tensor whose shape mismatches the model's. So every save of a
+compressed model (ours, ``model.save_pretrained``, ``model.push_to_hub``) adds a zero-size *guard*
+tensor under the dense ``<module>.weight`` key of each factorized module, plus a key whose name spells
+the fix: plain transformers stops with a size-mismatch error whose report lists
+``odllm_requires.pip_install_optimum-odllm.then.import_optimum_odllm``; our loader ignores the guards.
 """
 
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
 from safetensors import safe_open
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 from transformers.quantizers.base import HfQuantizer
 
 from .configuration import QUANT_METHOD, ODLLMConfig
 from .linalg import check_finite
-from .lowrank import LowRankLinear, replace_with_lowrank_linear
+from .lowrank import LowRankLinear, merge_lowrank, replace_with_lowrank_linear
+from .saving import STAGING_PREFIX
 
 
 if TYPE_CHECKING:
-    import torch
     from transformers import PreTrainedModel
+
+#: Key of the zero-size tensor whose name tells a user of plain transformers what to do.
+NOTE_KEY = "odllm_requires.pip_install_optimum-odllm.then.import_optimum_odllm.before_from_pretrained"
+GUARD_SUFFIX = ".weight"
+
+
+def guard_keys(ranks: dict[str, int]) -> list[str]:
+    """The dense weight key of every factorized module: where the zero-size guards go."""
+    return [name + GUARD_SUFFIX for name in ranks]
+
+
+def _refuse_staging_directory(checkpoint_files: Any) -> None:
+    for file in checkpoint_files or ():
+        if any(part.startswith(STAGING_PREFIX) for part in Path(file).parts):
+            raise ValueError(
+                f"{Path(file).parent} is the staging directory of an interrupted OD-LLM save, not a model: "
+                "load the directory it was saving into (or save again)."
+            )
 
 
 class ODLLMHfQuantizer(HfQuantizer):
@@ -40,7 +68,10 @@ class ODLLMHfQuantizer(HfQuantizer):
             )
 
     def _process_model_before_weight_loading(self, model: "PreTrainedModel", **kwargs: Any) -> "PreTrainedModel":
+        _refuse_staging_directory(kwargs.get("checkpoint_files"))
         model = replace_with_lowrank_linear(model, self.quantization_config.ranks)
+        ignored = {re.escape(key) + "$" for key in guard_keys(self.quantization_config.ranks)} | {re.escape(NOTE_KEY)}
+        model._keys_to_ignore_on_load_unexpected = set(model._keys_to_ignore_on_load_unexpected or ()) | ignored
         # transformers only *warns* about missing/unexpected keys (and re-initializes missing factors
         # randomly), so we check the factors against the safetensors headers before anything loads.
         check_checkpoint_factors(model, self.quantization_config.ranks, kwargs.get("checkpoint_files"))
@@ -71,6 +102,36 @@ class ODLLMHfQuantizer(HfQuantizer):
 
     def is_serializable(self, safe_serialization: bool = True) -> bool:
         return True
+
+    def get_state_dict_and_metadata(self, model: "PreTrainedModel") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """The state dict plus the guards that make plain transformers refuse to load it (see module docs).
+
+        Factors that are views into a shared tensor (after :func:`~optimum_odllm.fused.fuse_shared_inputs`)
+        are copied so that each key owns its bytes.
+        """
+        state = {}
+        for key, tensor in model.state_dict().items():
+            state[key] = tensor.clone() if tensor._base is not None else tensor
+        ranks = self.quantization_config.ranks
+        dtype = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
+        for key in guard_keys(ranks):
+            state[key] = torch.zeros(0, dtype=dtype)
+        state[NOTE_KEY] = torch.zeros(0, dtype=dtype)
+        metadata = {"odllm": "low-rank factors: pip install optimum-odllm, then import optimum_odllm before from_pretrained"}
+        return state, metadata
+
+    def _dequantize(self, model: "PreTrainedModel", dtype: "torch.dtype | None" = None) -> "PreTrainedModel":
+        """Merge every ``up @ down`` back into one ``nn.Linear`` (for runtimes that need one dense weight).
+
+        Called by transformers' ``model.dequantize()``, which then drops ``quantization_config`` so that
+        ``save_pretrained`` writes a plain dense checkpoint any transformers install can load.
+        """
+        merged = [name for name, module in model.named_modules() if isinstance(module, LowRankLinear)]
+        model = merge_lowrank(model)
+        if dtype is not None:
+            for name in merged:
+                model.get_submodule(name).to(dtype)
+        return model
 
 
 _FACTOR_KEY = re.compile(r"^(?P<module>.+)\.(?:down\.weight|up\.weight|up\.bias)$")
@@ -112,8 +173,9 @@ def check_checkpoint_factors(model: "torch.nn.Module", ranks: dict[str, int], ch
                 problems.append(
                     f"module '{name}': '{key}' has shape {list(shapes[key])}, expected {list(shape)} (rank {rank})"
                 )
+        guard = name + GUARD_SUFFIX
         for key in shapes:
-            if key.startswith(name + ".") and key not in expected:
+            if key.startswith(name + ".") and key not in expected and not (key == guard and shapes[key] == (0,)):
                 problems.append(f"module '{name}': unexpected tensor '{key}' (a factorized module has only up/down)")
     own = {key for key, _ in model.named_parameters()}
     for key in shapes:

@@ -10,27 +10,32 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from huggingface_hub import CommitOperationAdd, HfApi
 from transformers.utils import logging
 
-
-if TYPE_CHECKING:
-    from .compressor import ODLLMCompressor
+from .result import CompressionResult
+from .saving import save_result
 
 
 logger = logging.get_logger(__name__)
 
 
 def staged_operations(folder: str | Path) -> list[CommitOperationAdd]:
-    """One ``CommitOperationAdd`` per file under ``folder`` (POSIX paths relative to it, sorted)."""
+    """One ``CommitOperationAdd`` per file under ``folder`` (POSIX paths relative to it, sorted; hidden files skipped)."""
     folder = Path(folder)
     return [
         CommitOperationAdd(path_in_repo=path.relative_to(folder).as_posix(), path_or_fileobj=str(path))
         for path in sorted(folder.rglob("*"))
-        if path.is_file()
+        if path.is_file() and not any(part.startswith(".") for part in path.relative_to(folder).parts)
     ]
+
+
+def check_repo_id(repo_id: Any) -> str:
+    if not repo_id or not isinstance(repo_id, str):
+        raise ValueError("push_to_hub needs a repo_id like 'your-username/my-model-odllm-0.5'.")
+    return repo_id
 
 
 def push_folder_to_hub(
@@ -46,8 +51,7 @@ def push_folder_to_hub(
     api: HfApi | None = None,
 ) -> Any:
     """Create the repo (and branch ``revision``) if needed, then upload ``folder`` as one commit."""
-    if not repo_id or not isinstance(repo_id, str):
-        raise ValueError("push_to_hub needs a repo_id like 'your-username/my-model-odllm-0.5'.")
+    check_repo_id(repo_id)
     api = api if api is not None else HfApi(token=token)
     repo_id = api.create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
     if revision is not None and not revision.startswith("refs/pr"):
@@ -67,8 +71,8 @@ def push_folder_to_hub(
     )
 
 
-def push_compressed_to_hub(
-    compressor: "ODLLMCompressor",
+def push_result_to_hub(
+    result: CompressionResult,
     repo_id: str,
     *,
     private: bool | None = None,
@@ -80,34 +84,20 @@ def push_compressed_to_hub(
     api: HfApi | None = None,
     **save_kwargs: Any,
 ) -> Any:
-    """Save the compressed model (model, tokenizer, item index, card naming ``repo_id``) and push it in one commit.
+    """Save the compressed model (model, tokenizer, artifacts, card naming ``repo_id``) and push it in one commit.
 
     Args:
         repo_id: ``"owner/name"`` (created if missing; ``private`` only applies on creation).
         revision: branch to commit to (created from ``main`` if missing).
         token: Hub token (default: the one from ``hf auth login``).
-        eval_results: ``{dataset: {"HR@10": v, ...}}`` published as ``model-index`` in the card
-            (default: ``compressor.eval_results`` if set).
+        eval_results: ``{dataset: {"HR@10": v, ...}}`` published as ``model-index`` in the card.
     Returns: the ``huggingface_hub.CommitInfo`` of the commit.
     """
-    if not repo_id or not isinstance(repo_id, str):
-        raise ValueError("push_to_hub needs a repo_id like 'your-username/my-model-odllm-0.5'.")
-    if not compressor.config.is_compressed:
-        raise RuntimeError(
-            "Nothing to push yet: call compressor.compress(calibration_data) first "
-            "(or push an already compressed model with model.push_to_hub(repo_id))."
+    check_repo_id(repo_id)
+    with tempfile.TemporaryDirectory(prefix="odllm-push-") as tmp:
+        stage = save_result(result, Path(tmp) / "stage", eval_results=eval_results, repo_id=repo_id, **save_kwargs)
+        message = commit_message or f"Upload OD-LLM compressed model (ratio {result.config.ratio:g})"
+        return push_folder_to_hub(
+            stage, repo_id, private=private, revision=revision, token=token, commit_message=message,
+            create_pr=create_pr, api=api,
         )
-    previous = (getattr(compressor, "card_repo_id", None), getattr(compressor, "eval_results", None))
-    compressor.card_repo_id = repo_id
-    if eval_results is not None:
-        compressor.eval_results = eval_results
-    try:
-        with tempfile.TemporaryDirectory(prefix="odllm-push-") as tmp:
-            stage = compressor.save_pretrained(Path(tmp) / "stage", **save_kwargs)
-            message = commit_message or f"Upload OD-LLM compressed model (ratio {compressor.config.ratio:g})"
-            return push_folder_to_hub(
-                stage, repo_id, private=private, revision=revision, token=token, commit_message=message,
-                create_pr=create_pr, api=api,
-            )
-    finally:
-        compressor.card_repo_id, compressor.eval_results = previous

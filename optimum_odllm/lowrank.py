@@ -9,8 +9,10 @@ and peft can put LoRA adapters on ``up``/``down`` for recovery fine-tuning.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
-from transformers.pytorch_utils import Conv1D
+
+from .targets import FACTORIZABLE, linear_shape, linear_weight
 
 
 class LowRankLinear(nn.Module):
@@ -35,7 +37,12 @@ class LowRankLinear(nn.Module):
         self.up = nn.Linear(rank, out_features, bias=bias, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.up(self.down(x))
+        group = self.__dict__.get("_odllm_group")
+        if group is not None:  # set by optimum_odllm.fused: siblings share one down GEMM
+            return group(self, x)
+        if not (_is_plain_linear(self.down) and _is_plain_linear(self.up)):
+            return self.up(self.down(x))  # adapters (peft) or hooks on a factor: keep module calls
+        return lowrank_outputs(x, self.down.weight, [self.up.weight], [self.up.bias])[0]
 
     @property
     def weight(self) -> torch.Tensor:
@@ -76,6 +83,40 @@ class LowRankLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, bias={self.bias is not None}"
 
 
+def _is_plain_linear(module: nn.Module) -> bool:
+    """An ``nn.Linear`` whose forward nobody wraps, so calling ``F.linear`` on its weight is equivalent."""
+    return (
+        type(module) is nn.Linear
+        and not module._forward_hooks
+        and not module._forward_pre_hooks
+        and "forward" not in module.__dict__
+    )
+
+
+def lowrank_outputs(
+    x: torch.Tensor, down: torch.Tensor, ups: list[torch.Tensor], biases: list[torch.Tensor | None]
+) -> list[torch.Tensor]:
+    """``up_g(down_g(x))`` for projections whose ``down`` factors are stacked in ``down`` (rows in order).
+
+    One ``down`` GEMM for all of them, then each ``up``. Calls ``F.linear`` directly (no module calls:
+    Python overhead is what eager decoding pays for). On CUDA at small token counts both steps run as
+    the Triton kernels of :mod:`optimum_odllm.kernels` (one launch each, whatever the group size).
+    """
+    from . import kernels
+
+    lead = x.shape[:-1]
+    tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if kernels.use_kernels(x, tokens) and down.dtype == x.dtype and len(ups) <= kernels.MAX_GROUPS and (
+        all(b is not None for b in biases) or all(b is None for b in biases)
+    ):
+        t = kernels.lowrank_down(x.reshape(tokens, x.shape[-1]), down)
+        y = kernels.grouped_up(t, list(ups), [b for b in biases if b is not None])
+        return [part.reshape(*lead, part.shape[-1]) for part in y.split([u.shape[0] for u in ups], dim=-1)]
+    t = F.linear(x, down)
+    parts = t.split([u.shape[1] for u in ups], dim=-1) if len(ups) > 1 else (t,)
+    return [F.linear(part, up, bias) for part, up, bias in zip(parts, ups, biases)]
+
+
 def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     """Replace the submodule at dotted path ``name`` by ``module``."""
     parent_name, _, child = name.rpartition(".")
@@ -102,14 +143,11 @@ def replace_with_lowrank_linear(model: nn.Module, ranks: dict[str, int]) -> nn.M
             if linear.rank != rank:
                 raise ValueError(f"module '{name}' already is a LowRankLinear of rank {linear.rank}, config says {rank}.")
             continue
-        if isinstance(linear, nn.Linear):
-            in_features, out_features = linear.in_features, linear.out_features
-        elif isinstance(linear, Conv1D):  # GPT-2 style: weight stored as [in, out]
-            in_features, out_features = linear.weight.shape
-        else:
+        if not isinstance(linear, FACTORIZABLE):
             raise ValueError(
                 f"module '{name}' is a {type(linear).__name__}, expected nn.Linear (or GPT-2's Conv1D) to factorize."
             )
+        in_features, out_features = linear_shape(linear)
         if not 1 <= rank < min(in_features, out_features) + 1:
             raise ValueError(
                 f"quantization_config.ranks['{name}'] = {rank} is not in [1, {min(in_features, out_features)}] "
@@ -121,6 +159,21 @@ def replace_with_lowrank_linear(model: nn.Module, ranks: dict[str, int]) -> nn.M
         )
         set_submodule(model, name, replacement)
     return model
+
+
+def install_factors(model: nn.Module, name: str, up: torch.Tensor, down: torch.Tensor) -> LowRankLinear:
+    """Write-back: replace the dense module ``name`` by a :class:`LowRankLinear` holding ``up @ down``.
+
+    The factors take the dense weight's dtype and device and keep its bias; the new module inherits its
+    train/eval mode.
+    """
+    dense = model.get_submodule(name)
+    weight = linear_weight(dense)
+    bias = None if dense.bias is None else dense.bias.detach()
+    replacement = LowRankLinear.from_factors(up.to(weight.device), down.to(weight.device), bias, dtype=weight.dtype)
+    replacement.train(dense.training)
+    set_submodule(model, name, replacement)
+    return replacement
 
 
 def merge_lowrank(model: nn.Module) -> nn.Module:

@@ -13,14 +13,14 @@ import os
 import statistics
 from collections import OrderedDict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from transformers.utils import logging
 
-
-if TYPE_CHECKING:
-    from .compressor import ODLLMCompressor
+from .result import CompressionResult
+from .settings import SETTINGS
+from .utils import parameter_bytes
 
 
 logger = logging.get_logger(__name__)
@@ -184,7 +184,7 @@ def eval_table_markdown(eval_results: Sequence[EvalResult]) -> str:
 
 
 def build_model_card(
-    compressor: "ODLLMCompressor",
+    result: CompressionResult,
     *,
     repo_id: str | None = None,
     eval_results: EvalResultsLike = None,
@@ -196,20 +196,18 @@ def build_model_card(
     """Render the model card of a compressed model.
 
     Args:
-        compressor: an :class:`ODLLMCompressor` after ``compress()`` (its ``config``, ``report``, ``source``,
-            ``calibration_source`` and ``model`` fill the card).
+        result: a :class:`~optimum_odllm.result.CompressionResult` (``ODLLMCompressor.result`` after
+            ``compress()``): its ``config``, ``report``, ``source``, ``calibration_source`` and ``model`` fill the card.
         repo_id: Hub id used in the loading snippet (default: ``"path/to/this/directory"``).
         eval_results: ``{dataset_name: {"HR@10": v, "NDCG@10": v, ...}}`` or ``EvalResult``s -> ``model-index``.
         license: override; default is the base model's license (read from its card), else left unset.
         model_name: ``model-index`` name (default: the repo name or "<base>-odllm-<ratio>").
     """
-    from .utils import parameter_bytes
-
-    config = compressor.config
+    config = result.config
     if not config.is_compressed:
-        raise RuntimeError("The model is not compressed yet: call compressor.compress(calibration_data) first.")
-    report = compressor.report
-    source = compressor.source
+        raise RuntimeError("The model is not compressed yet: compress the model first.")
+    report = result.report
+    source = result.source
     if license is None:
         license = base_model_license(source, token=token)
     results = eval_results_from_metrics(eval_results)
@@ -230,10 +228,10 @@ def build_model_card(
 
     params_before = report.params_before if report else None
     params_after = report.params_after if report else None
-    bytes_after = parameter_bytes(compressor.model)
+    bytes_after = parameter_bytes(result.model)
     bytes_before = None
     if params_before is not None and params_after is not None:
-        itemsize = next(compressor.model.parameters()).element_size()
+        itemsize = next(result.model.parameters()).element_size()
         bytes_before = bytes_after + (params_before - params_after) * itemsize
 
     dense: dict[str, tuple[int, int]] = {}
@@ -243,7 +241,7 @@ def build_model_card(
     def kept(a: int | None, b: int | None) -> str:
         return f"{b / a:.1%}" if a and b is not None else "n/a"
 
-    calib_source = compressor.calibration_source or ("none (plain SVD)" if not (config.whitening or config.progressive) else "unknown")
+    calib_source = result.calibration_source or ("none (plain SVD)" if not (config.whitening or config.progressive) else "unknown")
     license_note = None if license else (
         "The license of the base model could not be detected: check the base model's license before redistributing."
     )
@@ -271,8 +269,17 @@ def build_model_card(
         rank_summary=rank_summary_markdown(config.ranks, dense),
         eval_table=eval_table_markdown(results),
         license_note=license_note,
+        settings_table=settings_markdown(config),
     )
     return card
+
+
+def settings_markdown(config: Any) -> str:
+    """Every setting of the config with its help text (the same table the CLI and the resume fingerprint read)."""
+    lines = ["| Setting | Value | Meaning |", "|---|---|---|"]
+    for setting in SETTINGS:
+        lines.append(f"| `{setting.name}` | `{getattr(config, setting.name)!r}` | {setting.help} |")
+    return "\n".join(lines)
 
 
 def update_card_eval_results(card_path: str | os.PathLike, eval_results: EvalResultsLike, split: str = "test") -> ModelCard:

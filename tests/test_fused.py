@@ -1,41 +1,104 @@
-"""Inference-time fusion of sibling low-rank factors gives the same logits."""
+"""Shared-input fusion: same logits, same state dict, exact unfuse, and a saveable fused model."""
 
 from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from conftest import calibration_ids, tiny_model
 from optimum_odllm import ODLLMCompressor, ODLLMConfig
-from optimum_odllm.fused import FusedDownFollower, FusedDownLeader, fuse_shared_inputs
+from optimum_odllm.fused import fuse_at_load, fuse_shared_inputs, is_fused, unfuse_shared_inputs
 
 
-def compressed_model():
-    model = tiny_model("llama")
-    ODLLMCompressor(model, ODLLMConfig(ratio=0.5, rank_multiple=8)).compress(calibration_ids())
-    return model
+@pytest.fixture(scope="module")
+def compressed():
+    model = tiny_model("qwen2")  # q/k/v carry biases and GQA gives k/v other shapes than q
+    compressor = ODLLMCompressor(model, ODLLMConfig(ratio=0.5, rank_multiple=8))
+    compressor.compress(calibration_ids())
+    return compressor
 
 
-def test_fusion_groups_qkv_and_gate_up_and_keeps_logits():
-    model = compressed_model()
-    fused = copy.deepcopy(model)
-    assert fuse_shared_inputs(fused) == 4  # (q,k,v) and (gate,up) in each of 2 layers
-    attn = fused.model.layers[0].self_attn
-    assert isinstance(attn.q_proj, FusedDownLeader) and isinstance(attn.v_proj, FusedDownFollower)
-    assert attn.q_proj.down.out_features == sum(
-        model.model.layers[0].self_attn.get_submodule(n).rank for n in ("q_proj", "k_proj", "v_proj")
-    )
+def logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def test_fusion_groups_siblings_keeps_logits_and_adds_no_memory(compressed):
+    model = copy.deepcopy(compressed.model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert fuse_shared_inputs(model) == 4  # (q,k,v) and (gate,up) in each of 2 layers
+    attn = model.model.layers[0].self_attn
+    q, k, v = attn.q_proj, attn.k_proj, attn.v_proj
+    row = q.down.weight.stride(0) * q.down.weight.element_size()
+    assert k.down.weight.data_ptr() == q.down.weight.data_ptr() + q.rank * row  # views of one stack
+    assert v.down.weight.data_ptr() == k.down.weight.data_ptr() + k.rank * row
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[n], before[n]) for n in before)
+    assert sum(p.numel() for p in model.parameters()) == sum(t.numel() for t in before.values())
     ids = calibration_ids(3, 12)
-    with torch.no_grad():
-        torch.testing.assert_close(fused(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits(model, ids), logits(compressed.model, ids), rtol=1e-5, atol=1e-5)
 
 
-def test_follower_called_alone_uses_its_own_slice():
-    model = compressed_model()
-    reference = model.model.layers[0].mlp.up_proj
+def test_siblings_called_in_any_order_or_alone_give_their_own_output(compressed):
+    reference = copy.deepcopy(compressed.model.model.layers[1].self_attn)
+    model = copy.deepcopy(compressed.model)
     fuse_shared_inputs(model)
-    follower = model.model.layers[0].mlp.up_proj
-    x = torch.randn(2, 5, reference.in_features)
+    attn = model.model.layers[1].self_attn
+    x, other = torch.randn(2, 5, attn.q_proj.in_features), torch.randn(2, 5, attn.q_proj.in_features)
     with torch.no_grad():
-        torch.testing.assert_close(follower(x), reference(x))
+        for name in ("v_proj", "q_proj", "k_proj", "k_proj"):  # reversed order and a repeat
+            torch.testing.assert_close(getattr(attn, name)(x), getattr(reference, name)(x))
+        torch.testing.assert_close(attn.k_proj(other), reference.k_proj(other))
+        torch.testing.assert_close(attn.q_proj(x), reference.q_proj(x))
+
+
+def test_unfuse_is_an_exact_inverse(compressed):
+    model = copy.deepcopy(compressed.model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fuse_shared_inputs(model)
+    assert unfuse_shared_inputs(model) == 4 and not is_fused(model)
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[n], before[n]) for n in before)
+    ptrs = [p.data_ptr() for p in model.parameters()]
+    assert len(set(ptrs)) == len(ptrs)  # every factor has its own storage again
+    ids = calibration_ids(2, 9)
+    assert torch.equal(logits(model, ids), logits(compressed.model, ids))
+
+
+def test_fused_model_saves_and_reloads_bit_exact(compressed, tmp_path):
+    fuse_shared_inputs(compressed.model)
+    try:
+        fused_state = {k: v.clone() for k, v in compressed.model.state_dict().items()}
+        compressed.save_pretrained(tmp_path)
+    finally:
+        unfuse_shared_inputs(compressed.model)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    state = loaded.state_dict()
+    assert state.keys() == fused_state.keys() and all(torch.equal(state[n], fused_state[n]) for n in state)
+    assert fuse_at_load(loaded) == 4  # and the reloaded model fuses again, with the same outputs
+    ids = calibration_ids(2, 9)
+    torch.testing.assert_close(logits(loaded, ids), logits(compressed.model, ids), rtol=1e-5, atol=1e-5)
+
+
+def test_weights_written_after_fusion_are_used(compressed):
+    model = copy.deepcopy(compressed.model)
+    fuse_shared_inputs(model)
+    new = {k: v + 0.01 * torch.randn_like(v) for k, v in compressed.model.state_dict().items()}
+    model.load_state_dict(new)  # in-place copy through the views
+    reference = copy.deepcopy(compressed.model)
+    reference.load_state_dict(new)
+    ids = calibration_ids(2, 9)
+    torch.testing.assert_close(logits(model, ids), logits(reference, ids), rtol=1e-5, atol=1e-5)
+    model.load_state_dict(new, assign=True)  # new storage: the group restacks on the next call
+    torch.testing.assert_close(logits(model, ids), logits(reference, ids), rtol=1e-5, atol=1e-5)
+    model.double()  # .to() replaces every parameter's storage too
+    torch.testing.assert_close(logits(model, ids), logits(reference.double(), ids), rtol=1e-9, atol=1e-9)
+
+
+def test_fuse_at_load_leaves_offloaded_models_alone(compressed):
+    model = copy.deepcopy(compressed.model)
+    model.hf_device_map = {"model.layers.0": "cpu", "model.layers.1": "disk"}
+    assert fuse_at_load(model) == 0 and not is_fused(model)

@@ -27,9 +27,8 @@ def test_repository_template_matches_packaged_copy():
 
 def test_saved_card_has_every_field_and_valid_metadata(tmp_path):
     compressor = compressed(tmp_path)
-    compressor.eval_results = EVAL
     compressor.calibration_source = "MovieLens-100K training sequences"
-    out = compressor.save_pretrained(tmp_path / "out")
+    out = compressor.save_pretrained(tmp_path / "out", eval_results=EVAL)
 
     card = ModelCard.load(out / "README.md", ignore_metadata_errors=False)
     data = card.data

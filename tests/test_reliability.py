@@ -15,7 +15,7 @@ from transformers.pytorch_utils import Conv1D
 
 from conftest import VOCAB, calibration_ids, random_sentences, tiny_model, word_tokenizer
 from optimum_odllm import LowRankLinear, ODLLMCompressor, ODLLMConfig, replace_with_lowrank_linear
-from optimum_odllm.calibration import validate_item_index_file
+from optimum_odllm.recsys.artifacts import validate_item_index_file
 from optimum_odllm.linalg import NonFiniteError
 
 PACKAGE = Path(__file__).resolve().parents[1] / "optimum_odllm"
@@ -123,7 +123,7 @@ def test_already_compressed_model_is_refused_in_memory_and_after_reload(tmp_path
     from optimum_odllm.fused import fuse_shared_inputs
 
     fuse_shared_inputs(reloaded)  # the fused inference form is recognized too
-    with pytest.raises(ValueError, match=r"already contains .*Fused.*OD-LLM-compressed"):
+    with pytest.raises(ValueError, match=r"already contains .*OD-LLM-compressed"):
         ODLLMCompressor(reloaded, small_config(ratio=0.3)).target_modules()
 
 
@@ -179,7 +179,7 @@ def test_item_index_that_does_not_match_the_tokenizer_is_refused_up_front(tmp_pa
     model = tiny_model()
     calls = count_forwards(model)
     comp = ODLLMCompressor(model, small_config(), tokenizer=word_tokenizer())
-    comp.item_index_file = index_file
+    comp.artifacts["item_index.json"] = index_file
     with pytest.raises(ValueError, match=r"does not match the tokenizer: 6 of its 6 index tokens \(e.g. <a_0>\)"):
         comp.compress(calib)
     assert calls == []
@@ -283,9 +283,9 @@ def test_ratio_one_keeps_everything_dense_and_saves_a_plain_checkpoint(tmp_path,
 
 
 def test_modules_whose_factorization_would_not_save_parameters_stay_dense(calib, monkeypatch):
-    import optimum_odllm.compressor as compressor_module
+    import optimum_odllm.pipeline as pipeline_module
 
-    real = compressor_module.allocate_ranks
+    real = pipeline_module.allocate_ranks
     k_proj = "model.layers.0.self_attn.k_proj"  # 64 -> 32: rank 22 would hold 22 * 96 = 2112 >= 2048 parameters
 
     def allocate(shapes, ratio, multiple):
@@ -293,7 +293,7 @@ def test_modules_whose_factorization_would_not_save_parameters_stay_dense(calib,
         ranks[k_proj] = 22
         return ranks
 
-    monkeypatch.setattr(compressor_module, "allocate_ranks", allocate)
+    monkeypatch.setattr(pipeline_module, "allocate_ranks", allocate)
     model = tiny_model()
     dense_k = model.get_submodule(k_proj).weight.detach().clone()
     comp = ODLLMCompressor(model, small_config(ratio=0.9, rank_multiple=1))

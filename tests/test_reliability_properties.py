@@ -13,7 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from optimum_odllm import ODLLMConfig
-from optimum_odllm.calibration import CalibrationBatch, prepare_calibration, validate_item_index_file
+from optimum_odllm.calibration import CalibrationSet, prepare_calibration
+from optimum_odllm.recsys.artifacts import validate_item_index_file
 from optimum_odllm.checkpointing import CheckpointError, LayerCheckpointer
 from optimum_odllm.ranks import ModuleShape, allocate_ranks
 
@@ -107,7 +108,7 @@ def test_calibration_loader_rejects_malformed_data_with_value_error(data, min_to
     except ValueError as err:
         assert str(err)
         return
-    assert isinstance(batch, CalibrationBatch)
+    assert isinstance(batch, CalibrationSet)
     ids, mask = batch.input_ids, batch.attention_mask
     assert ids.dtype == torch.long and ids.dim() == 2 and ids.shape == mask.shape
     assert ids.shape[0] <= 4 and ids.shape[1] <= 8

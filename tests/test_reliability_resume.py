@@ -93,10 +93,10 @@ def test_resume_after_interruption_is_bit_identical(tmp_path, monkeypatch, caplo
 
     # The resumed run must not redo the checkpointed layers.
     solved: list[str] = []
-    original = ODLLMCompressor._solve_module
-    monkeypatch.setattr(
-        ODLLMCompressor, "_solve_module", lambda self, name, *a, **k: (solved.append(name), original(self, name, *a, **k))[1]
-    )
+    from optimum_odllm import pipeline
+
+    original = pipeline.solve_module
+    monkeypatch.setattr(pipeline, "solve_module", lambda problem, config: (solved.append(problem.name), original(problem, config))[1])
     with caplog.at_level("WARNING"):
         ODLLMCompressor(tiny_model(num_hidden_layers=NUM_LAYERS), make_config(progressive=progressive)).quantize(
             out, calibration_dataset=ids

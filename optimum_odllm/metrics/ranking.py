@@ -10,7 +10,7 @@ Usage::
 import datasets
 import evaluate
 
-from optimum_odllm.recsys.metrics import ranking_metrics
+from optimum_odllm.recsys.metrics import ranking_metrics, ranking_metrics_with_stderr
 
 
 _DESCRIPTION = """Hit ratio and NDCG at K for next-item recommendation with one ground-truth item per user,
@@ -20,6 +20,7 @@ _KWARGS_DESCRIPTION = """
 Args:
     predictions: list of ranked recommendation lists (item ids as strings, best first).
     references: list of ground-truth item ids (strings), one per user.
+    with_stderr: also return the standard error over users of each metric (``HR@10_se``, ...; needs 2+ users).
 Returns:
     dict with HR@1, HR@5, HR@10, NDCG@5, NDCG@10 (means over users).
 """
@@ -37,5 +38,7 @@ class Ranking(evaluate.Metric):
             ),
         )
 
-    def _compute(self, predictions, references):
+    def _compute(self, predictions, references, with_stderr=False):
+        if with_stderr:
+            return ranking_metrics_with_stderr(predictions, references)
         return ranking_metrics(predictions, references)

@@ -42,3 +42,16 @@ __all__ = [
     "load_base_model", "load_interactions_table", "load_movielens_100k", "make_unique",
     "popularity_rankings", "ranking_metrics", "recommend", "train_recommender", "training_examples",
 ]
+
+from .artifacts import item_index_artifact as _item_index_artifact  # noqa: E402
+from ..extensions import register_artifact_hook as _register_artifact_hook  # noqa: E402
+
+_register_artifact_hook("item_index", _item_index_artifact)  # also an entry point; registering twice is harmless
+
+# history-aware decoding, per-user metrics with standard errors, multi-process evaluation
+from .evaluation import evaluate_per_user  # noqa: E402
+from .history import has_repeats, history_exclusions, seen_items  # noqa: E402
+from .metrics import per_user_metrics, ranking_metrics_with_stderr, summarize  # noqa: E402
+
+__all__ += ["evaluate_per_user", "has_repeats", "history_exclusions", "per_user_metrics",
+            "ranking_metrics_with_stderr", "seen_items", "summarize"]

@@ -88,12 +88,16 @@ def train_recommender(model, tokenizer: PreTrainedTokenizerBase, samples: Sequen
     """Fine-tune with ``Trainer`` (cosine schedule, response-only loss); returns the trained model.
 
     Extra keyword arguments go to :class:`~transformers.TrainingArguments` (e.g. ``bf16=True``,
-    ``gradient_accumulation_steps``); on several GPUs run the calling script with ``accelerate launch``.
+    ``gradient_accumulation_steps``); on several GPUs run the calling script with ``accelerate launch``
+    (DDP: ``batch_size`` is per process, so the global batch is ``batch_size x processes``). The warmup is
+    passed as a fraction so that the ``Trainer`` applies it to the real number of optimizer steps, which
+    depends on the number of processes.
     """
-    steps_per_epoch = max(1, len(samples) // batch_size)
+    if not 0 <= warmup_ratio < 1:
+        raise ValueError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}")
     args = TrainingArguments(
         output_dir=str(output_dir), num_train_epochs=epochs, learning_rate=learning_rate,
-        per_device_train_batch_size=batch_size, warmup_steps=int(warmup_ratio * epochs * steps_per_epoch),
+        per_device_train_batch_size=batch_size, warmup_steps=warmup_ratio,
         lr_scheduler_type="cosine", weight_decay=weight_decay, logging_steps=logging_steps, save_strategy="no",
         report_to="none", seed=seed, data_seed=seed, train_sampling_strategy="group_by_length",
         dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(), **training_kwargs,

@@ -1,14 +1,17 @@
 """Prefix trie over valid item codes and constrained beam search with a KV cache.
 
 Every beam can only extend a prefix of a real item's token sequence, so every finished beam is an
-existing item (no hallucinated codes). The search is written out here rather than using
+existing item (no hallucinated codes). With ``exclude`` a beam also never enters a prefix whose every
+completion is an excluded item (the user's history), so each user still gets ``num_beams`` unseen
+items instead of fewer after filtering. The search is written out here rather than using
 ``generate(prefix_allowed_tokens_fn=...)`` because item codes have a fixed length, which keeps the
 loop short, batched across users, and independent of generation-config defaults of a given model.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections import Counter
+from typing import Collection, Iterable, Mapping, Sequence
 
 import torch
 from transformers.cache_utils import DynamicCache
@@ -24,19 +27,51 @@ class PrefixTrie:
         self.length = lengths.pop()
         children: dict[tuple[int, ...], set[int]] = {}
         self.leaves: dict[tuple[int, ...], int] = {}
+        self.sequences: list[tuple[int, ...]] = []
+        self._size: Counter[tuple[int, ...]] = Counter()  # items below each prefix (1 for a full sequence)
         for k, seq in enumerate(sequences):
             seq = tuple(int(t) for t in seq)
             if seq in self.leaves:
                 raise ValueError(f"sequence {seq} appears twice (items {self.leaves[seq]} and {k})")
             self.leaves[seq] = k
+            self.sequences.append(seq)
             for depth in range(self.length):
                 children.setdefault(seq[:depth], set()).add(seq[depth])
+                self._size[seq[: depth + 1]] += 1
         self._allowed = {p: torch.tensor(sorted(c)) for p, c in children.items()}
         self._empty = torch.empty(0, dtype=torch.long)
 
-    def allowed(self, prefix: Sequence[int]) -> torch.Tensor:
-        """Token ids that may follow ``prefix`` (empty if the prefix is not in the trie)."""
-        return self._allowed.get(tuple(prefix), self._empty)
+    def allowed(self, prefix: Sequence[int],
+                blocked: Mapping[tuple[int, ...], Collection[int]] | None = None) -> torch.Tensor:
+        """Token ids that may follow ``prefix`` (empty if the prefix is not in the trie).
+
+        ``blocked`` (from :meth:`blocked_children`) removes tokens that lead only to excluded items.
+        """
+        prefix = tuple(prefix)
+        tokens = self._allowed.get(prefix, self._empty)
+        if blocked and prefix in blocked:
+            banned = blocked[prefix]
+            tokens = torch.tensor([t for t in tokens.tolist() if t not in banned], dtype=torch.long)
+        return tokens
+
+    def blocked_children(self, items: Iterable[int]) -> dict[tuple[int, ...], frozenset[int]]:
+        """``{prefix: tokens}`` such that ``prefix + (token,)`` is completed only by items in ``items``.
+
+        Blocking whole subtrees (not only the leaves) keeps beams from being spent on prefixes that can no
+        longer finish as an allowed item.
+        """
+        hits: Counter[tuple[int, ...]] = Counter()
+        for item in set(items):
+            if not 0 <= item < len(self.sequences):
+                raise ValueError(f"cannot exclude item {item}: the trie holds items 0..{len(self.sequences) - 1}")
+            seq = self.sequences[item]
+            for depth in range(1, self.length + 1):
+                hits[seq[:depth]] += 1
+        blocked: dict[tuple[int, ...], set[int]] = {}
+        for prefix, count in hits.items():
+            if count == self._size[prefix]:
+                blocked.setdefault(prefix[:-1], set()).add(prefix[-1])
+        return {p: frozenset(t) for p, t in blocked.items()}
 
     def item(self, sequence: Sequence[int]) -> int | None:
         """Position of ``sequence`` in the list the trie was built from, or ``None``."""
@@ -45,15 +80,20 @@ class PrefixTrie:
 
 @torch.no_grad()
 def constrained_beam_search(model, prompts: torch.Tensor, trie: PrefixTrie, num_beams: int = 20,
-                            attention_mask: torch.Tensor | None = None) -> tuple[list[list[int]], torch.Tensor]:
+                            attention_mask: torch.Tensor | None = None,
+                            exclude: Sequence[Iterable[int]] | None = None) -> tuple[list[list[int]], torch.Tensor]:
     """Top ``num_beams`` valid items per prompt, best first, with their summed log-probabilities.
 
-    ``prompts`` is ``[batch, length]``; left padding needs ``attention_mask``. Returns item positions
+    ``prompts`` is ``[batch, length]``; left padding needs ``attention_mask``. ``exclude`` holds one set of
+    item positions per prompt (e.g. the user's history) that no beam may complete. Returns item positions
     (as in the trie's input list; ``-1`` where fewer valid items exist than beams) and scores ``[batch, beams]``.
     """
     batch, _ = prompts.shape
     device = prompts.device
     k = num_beams
+    if exclude is not None and len(exclude) != batch:
+        raise ValueError(f"exclude needs one set of items per prompt: got {len(exclude)} for {batch} prompts")
+    blocked = [trie.blocked_children(e) for e in exclude] if exclude is not None else [None] * batch
     position_ids = None
     if attention_mask is not None:
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
@@ -63,8 +103,9 @@ def constrained_beam_search(model, prompts: torch.Tensor, trie: PrefixTrie, num_
     cache = out.past_key_values
     logp = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # [batch, vocab]
     vocab = logp.shape[-1]
-    mask = torch.full((vocab,), float("-inf"), device=device)
-    mask[trie.allowed(()).to(device)] = 0
+    mask = torch.full((batch, vocab), float("-inf"), device=device)
+    for b in range(batch):
+        mask[b, trie.allowed((), blocked[b]).to(device)] = 0
     first = logp + mask
     scores, tokens = first.topk(min(k, vocab), dim=-1)
     if scores.shape[1] < k:  # tiny vocabularies in tests
@@ -90,7 +131,7 @@ def constrained_beam_search(model, prompts: torch.Tensor, trie: PrefixTrie, num_
         for b in range(batch):
             for j in range(k):
                 if scores[b, j] > float("-inf"):
-                    allowed = trie.allowed(prefixes[b][j])
+                    allowed = trie.allowed(prefixes[b][j], blocked[b])
                     if len(allowed):
                         step_mask[b, j, allowed.to(device)] = 0
         cand = (scores.unsqueeze(-1) + logp + step_mask).view(batch, k * vocab)

@@ -13,7 +13,7 @@ from optimum.commands.base import BaseOptimumCLICommand, CommandInfo
 
 
 def _load_options():
-    name = "_optimum_odllm_cli_options"
+    name = "_optimum_odllm_cli_options"  # cli_options loads settings.py beside it the same way
     if name in sys.modules:
         return sys.modules[name]
     spec = importlib.util.find_spec("optimum_odllm")  # locates the package without executing it
@@ -62,6 +62,10 @@ class ODLLMCommand(BaseOptimumCLICommand):
         CommandInfo(name=cls.NAME, help=_OPTIONS.COMMAND_HELP[cls.NAME], subcommand_class=cls)
         for cls in (ODLLMCompressCommand, ODLLMEvaluateCommand, ODLLMTrainCommand)
     )
+
+    def run(self):  # no subcommand given: usage on stderr and exit status 2, as argparse does for errors
+        self.parser.print_usage(sys.stderr)
+        self.parser.exit(2, f"{self.parser.prog}: error: choose a command: {', '.join(_OPTIONS.ADDERS)}\n")
 
 
 REGISTER_COMMANDS = [ODLLMCommand]

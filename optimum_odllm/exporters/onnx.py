@@ -1,0 +1,65 @@
+"""Export a (compressed) causal LM to ONNX with KV-cache inputs/outputs, keeping the low-rank factors.
+
+Uses ``torch.onnx.export(dynamo=True)`` (``torch.export`` underneath): the traced graph keeps each
+``LowRankLinear`` as two MatMuls, so the file is as small as the compressed checkpoint and ONNX Runtime
+runs the two thin GEMMs. Dense runtimes that need one weight per projection should export the
+model with ``dequantize=True`` (``model.dequantize()``) instead.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .common import (
+    FlatCacheCausalLM, check_signature, dynamic_shapes, example_inputs, load_for_export, write_sidecars,
+)
+
+
+ONNX_FILE = "model.onnx"
+
+
+def export_onnx(model_or_path: Any, output_dir: str | Path, *, tokenizer: Any = None,
+                item_index: str | Path | None = None, opset: int | None = None, optimize: bool = True,
+                dequantize: bool = False, all_logits: bool = False) -> Path:
+    """Write ``model.onnx`` (factored graph, KV cache in and out) plus tokenizer, config and item index.
+
+    ``model_or_path`` is a compressed (or dense) model, or the directory it was saved to. The tokenizer and
+    ``item_index.json`` are taken from that directory unless given. ``dequantize`` merges the factors first
+    (for runtimes that need dense weights); ``all_logits`` returns logits for every position instead of the
+    last one only. Returns the path of ``model.onnx``.
+    Needs the ``export`` extra (``pip install optimum-odllm[export]``: onnx, onnxscript, onnxruntime).
+    """
+    _require("onnxscript", "onnx")
+    model, source = load_for_export(model_or_path, dequantize=dequantize)
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    wrapper = FlatCacheCausalLM(model, all_logits=all_logits)
+    layout = wrapper.layout
+    check_signature(wrapper)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # tracer chatter (deprecated kwargs, torchvision ops) is not for users
+        program = torch.onnx.export(
+            wrapper, example_inputs(layout), dynamo=True, dynamic_shapes=dynamic_shapes(layout),
+            input_names=layout.input_names, output_names=layout.output_names, opset_version=opset,
+            optimize=optimize, verbose=False,
+        )
+    path = output_dir / ONNX_FILE
+    program.save(str(path))  # weights over 2 GiB go to model.onnx.data beside it (protobuf's limit)
+    write_sidecars(model, source, output_dir, tokenizer=tokenizer, item_index=item_index,
+                   format="onnx", file=ONNX_FILE, all_logits=all_logits)
+    return path
+
+
+def _require(*modules: str) -> None:
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ImportError(
+            f"ONNX export needs {', '.join(missing)}: `pip install optimum-odllm[export]` "
+            "(or `pip install onnx onnxscript onnxruntime`)."
+        )

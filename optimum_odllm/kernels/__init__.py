@@ -1,0 +1,41 @@
+"""GPU kernels for low-rank projections at small token counts, and the rule that picks them.
+
+:func:`use_kernels` is the whole dispatch policy: the ``torch.ops.odllm`` custom ops (Triton kernels,
+or cuBLAS where it measured faster for the shape) for at most :data:`MAX_KERNEL_TOKENS` tokens on CUDA,
+in inference, inside ``torch.compile`` or a CUDA-graph capture; plain ``F.linear`` everywhere else.
+Eager mode stays on ``F.linear`` because it is bound by per-launch CPU cost, and a Triton launch
+through a custom op costs more CPU time than a cuBLAS call (measured: H100 eager decode at batch 1
+went from 35 to 87 ms per token with the kernels on). ``ODLLM_KERNELS=0`` turns the kernels off;
+``ODLLM_KERNEL_MAX_TOKENS`` moves the token crossover (see ``benchmarks/kernels_roofline.py``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None and torch.cuda.is_available()
+MAX_GROUPS = 3  # up factors one grouped_up launch takes (q/k/v)
+MAX_KERNEL_TOKENS = int(os.environ.get("ODLLM_KERNEL_MAX_TOKENS", "64"))
+ENABLED = os.environ.get("ODLLM_KERNELS", "1") != "0"
+_SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def use_kernels(x: torch.Tensor, tokens: int) -> bool:
+    """Whether the Triton path applies to ``tokens`` rows of ``x`` (CUDA, 16-bit, inference, few tokens)."""
+    return (
+        ENABLED
+        and HAS_TRITON
+        and x.is_cuda
+        and x.dtype in _SUPPORTED_DTYPES
+        and tokens <= MAX_KERNEL_TOKENS
+        and not torch.is_grad_enabled()
+        and (torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing())
+    )
+
+
+from .ops import grouped_up, lowrank_down  # noqa: E402  (registers torch.ops.odllm.*)
+
+__all__ = ["HAS_TRITON", "MAX_GROUPS", "MAX_KERNEL_TOKENS", "grouped_up", "lowrank_down", "use_kernels"]

@@ -1,0 +1,49 @@
+"""The kernels as PyTorch custom ops (``torch.ops.odllm.*``), so ``torch.compile`` and CUDA graphs keep them.
+
+``custom_op`` makes each kernel one opaque node: Dynamo traces through the model without breaking
+the graph, Inductor calls the op as is, and CUDA-graph capture records its launches. ``register_fake``
+gives the output shape without running it. Off CUDA (or without Triton) the same ops compute the plain
+``F.linear`` result, so a graph traced with them still runs anywhere.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import HAS_TRITON
+
+if HAS_TRITON:
+    from . import triton_lowrank
+
+
+def _plain_grouped_up(t: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor]) -> torch.Tensor:
+    parts = t.split([w.shape[1] for w in weights], dim=-1)
+    outs = [F.linear(p, w, biases[i] if biases else None) for i, (p, w) in enumerate(zip(parts, weights))]
+    return torch.cat(outs, dim=-1)
+
+
+@torch.library.custom_op("odllm::lowrank_down", mutates_args=())
+def lowrank_down(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``x[M, K] @ w[N, K]^T`` (split-K Triton kernel on CUDA)."""
+    if HAS_TRITON and x.is_cuda:
+        return triton_lowrank.down(x.contiguous(), w.contiguous())
+    return F.linear(x, w)
+
+
+@lowrank_down.register_fake
+def _lowrank_down_fake(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((x.shape[0], w.shape[0]))
+
+
+@torch.library.custom_op("odllm::grouped_up", mutates_args=())
+def grouped_up(t: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenated ``up`` products of up to 3 projections sharing one input (one Triton launch on CUDA)."""
+    if HAS_TRITON and t.is_cuda:
+        return triton_lowrank.grouped_up(t.contiguous(), [w.contiguous() for w in weights], [b.contiguous() for b in biases])
+    return _plain_grouped_up(t, weights, biases)
+
+
+@grouped_up.register_fake
+def _grouped_up_fake(t: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor]) -> torch.Tensor:
+    return t.new_empty((t.shape[0], sum(w.shape[0] for w in weights)))

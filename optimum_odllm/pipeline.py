@@ -1,0 +1,198 @@
+"""The sequential pipeline: one decoder layer at a time, as in GPTQ (memory holds one layer's activations).
+
+For each layer: **statistics** (forward the stored inputs with hooks that accumulate ``X^T X`` per
+input group and, with progressive alignment, ``X^T X_ref`` against the original model's inputs),
+**solve** (:func:`optimum_odllm.solvers.solve_module`, a pure function), **write back**
+(:func:`optimum_odllm.lowrank.install_factors`), **propagate** (push the drifted stream through the
+compressed layer) and **checkpoint** (:mod:`optimum_odllm.checkpointing`). The stages are timed into
+the report.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import asdict
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+from transformers.utils import logging
+
+from .calibration import CalibrationSet
+from .checkpointing import LayerCheckpointer
+from .layerwise import ActivationHooks, LayerInputs, capture_first_layer_inputs, run_layer
+from .linalg import check_finite
+from .lowrank import install_factors
+from .ranks import ModuleShape, allocate_ranks
+from .result import CompressionReport, ModuleReport
+from .solvers import SolveProblem, solve_data_free, solve_module, solver_dtype
+from .targets import find_decoder_layers, linear_shape, linear_weight
+
+
+logger = logging.get_logger(__name__)
+
+_COV_DTYPES = {"float64": torch.float64, "float32": torch.float32}
+
+
+class StageTimer:
+    """Accumulates wall time per stage name (synchronizing CUDA so GPU work is counted)."""
+
+    def __init__(self, totals: dict[str, float], device: torch.device):
+        self.totals = totals
+        self.cuda = device.type == "cuda"
+
+    @contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        if self.cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.cuda:
+                torch.cuda.synchronize()
+            self.totals[stage] = self.totals.get(stage, 0.0) + time.perf_counter() - start
+
+
+def plan_ranks(shapes: list[ModuleShape], config: Any) -> dict[str, int | None]:
+    """Rank per module under the parameter budget; ``None`` where a factorization would not be smaller."""
+    ranks = allocate_ranks(shapes, config.ratio, config.rank_multiple)
+    for shape in shapes:
+        rank = ranks[shape.name]
+        if rank is not None and shape.lowrank_params(rank) >= shape.dense_params:
+            ranks[shape.name] = None
+    return ranks
+
+
+def _solve_and_install(
+    model: nn.Module, name: str, module: nn.Module, rank: int, covariance: torch.Tensor,
+    cross: torch.Tensor | None, config: Any, timer: StageTimer,
+) -> ModuleReport:
+    dtype = solver_dtype(config)
+    problem = SolveProblem(
+        name=name,
+        weight=linear_weight(module).detach().to(device=covariance.device, dtype=dtype),
+        covariance=covariance.to(dtype),
+        cross=None if cross is None else cross.to(dtype),
+        rank=rank,
+    )
+    with timer("solve"):
+        solution = solve_module(problem, config)
+    install_factors(model, name, solution.factors.up, solution.factors.down)
+    return ModuleReport.solved(name, linear_shape(module), rank, solution.factors.singular_values, solution.jitter)
+
+
+def compress_data_free(
+    model: nn.Module, targets: dict[str, nn.Module], ranks: dict[str, int | None], config: Any,
+    report: CompressionReport, timer: StageTimer,
+) -> None:
+    """``whitening=False, progressive=False`` without data: plain truncated SVD of every weight."""
+    dtype = solver_dtype(config)
+    for name, module in logging.tqdm(list(targets.items()), desc="OD-LLM plain SVD"):
+        rank = ranks[name]
+        if rank is None:
+            report.modules.append(ModuleReport(name, *linear_shape(module), None))
+            continue
+        weight = linear_weight(module).detach().to(dtype)
+        with timer("solve"):
+            solution = solve_data_free(SolveProblem(name, weight, weight, None, rank), config)
+        install_factors(model, name, solution.factors.up, solution.factors.down)
+        report.modules.append(ModuleReport.solved(name, linear_shape(module), rank, solution.factors.singular_values, 0.0))
+
+
+def _resume(
+    model: nn.Module, checkpointer: LayerCheckpointer, num_batches: int, targets: dict[str, nn.Module],
+    ranks: dict[str, int | None], layers_name: str, num_layers: int, report: CompressionReport,
+) -> tuple[int, list[torch.Tensor], list[torch.Tensor] | None]:
+    """Restore finished layers from the checkpoint; returns the next layer and the two hidden-state streams."""
+    state = checkpointer.load(num_batches)
+    if state.completed_layers > num_layers:
+        raise checkpointer.fail(f"it has {state.completed_layers} layers but the model has {num_layers}")
+    done = tuple(f"{layers_name}.{i}." for i in range(state.completed_layers))
+    expected = {}
+    for name, module in targets.items():
+        if name.startswith(done) and ranks[name] is not None:
+            in_features, out_features = linear_shape(module)
+            expected[name] = ((out_features, ranks[name]), (ranks[name], in_features))
+    start = checkpointer.restore(state, expected, lambda name, up, down: install_factors(model, name, up, down))
+    report.modules.extend(ModuleReport(**entry) for entry in state.modules)
+    logger.warning(
+        f"OD-LLM: resuming from the checkpoint in {checkpointer.directory}: layers 0..{start - 1} "
+        f"are restored, continuing with layer {start} of {num_layers}."
+    )
+    return start, state.reference, state.drifted
+
+
+def compress_layerwise(
+    model: nn.Module, targets: dict[str, nn.Module], ranks: dict[str, int | None], calibration: CalibrationSet,
+    config: Any, report: CompressionReport, device: torch.device, timer: StageTimer,
+    checkpointer: LayerCheckpointer | None = None, resume: bool = False,
+) -> None:
+    """Compress every decoder layer in order, feeding each the outputs of the already-compressed prefix."""
+    layers_name, layers = find_decoder_layers(model, config.block_name_to_compress)
+    batches = list(calibration.batches(config.calibration_batch_size))
+    with timer("capture"), torch.no_grad():
+        reference = capture_first_layer_inputs(model, layers[0], batches, device)
+    drifted: LayerInputs | None = None  # inputs seen through the compressed prefix (progressive only)
+    cov_dtype = _COV_DTYPES[config.covariance_dtype]
+    start = 0
+    if checkpointer is not None and resume and checkpointer.exists():
+        start, ref_hidden, drift_hidden = _resume(
+            model, checkpointer, len(batches), targets, ranks, layers_name, len(layers), report
+        )
+        reference = reference.with_hidden([h.to(device) for h in ref_hidden])
+        if drift_hidden is not None:
+            drifted = reference.with_hidden([h.to(device) for h in drift_hidden])
+
+    for index in logging.tqdm(range(start, len(layers)), desc="OD-LLM layers", initial=start, total=len(layers)):
+        layer = layers[index]
+        prefix = f"{layers_name}.{index}."
+        layer_targets = {n: m for n, m in targets.items() if n.startswith(prefix)}
+        home = next(layer.parameters()).device
+        layer.to(device)
+        with torch.no_grad():
+            hooks = ActivationHooks({n[len(prefix):]: m for n, m in layer_targets.items()}, cov_dtype, prefix)
+            aligned = config.progressive and drifted is not None
+            if config.progressive and drifted is None:
+                # Both streams are identical until the first compressed layer: share the tensors.
+                drifted = reference.with_hidden(list(reference.hidden))
+            with timer("statistics"):
+                # Outputs overwrite the inputs batch by batch, so only two streams (reference and
+                # drifted) are ever held: the memory bound of a 7B run on one GPU.
+                for b, (hidden, kwargs, mask) in enumerate(reference):
+                    output = hooks.forward("record" if aligned else "accumulate", layer, hidden, kwargs, mask, device)
+                    if aligned:
+                        hooks.forward("accumulate", layer, drifted.hidden[b], kwargs, mask, device)
+                        hooks.clear_recorded()
+                    reference.hidden[b] = output
+            hooks.remove()
+            for local_name, group in hooks.stats.group_of.items():
+                name = prefix + local_name
+                module = layer_targets[name]
+                if ranks[name] is None:
+                    report.modules.append(ModuleReport(name, *linear_shape(module), None))
+                    continue
+                cross = hooks.stats.cross_covariance.get(group) if aligned else None
+                report.modules.append(
+                    _solve_and_install(model, name, module, ranks[name], hooks.stats.covariance[group], cross, config, timer)
+                )
+            missing = set(n[len(prefix):] for n in layer_targets) - set(hooks.stats.group_of)
+            if missing:
+                raise RuntimeError(f"Modules {sorted(missing)} of layer {index} were never called during calibration.")
+            with timer("propagate"):
+                if config.progressive:
+                    for b, (hidden, kwargs, _) in enumerate(drifted):
+                        drifted.hidden[b] = run_layer(layer, hidden, kwargs, device)
+                        check_finite(drifted.hidden[b], f"output hidden states of the compressed layer {layers_name}.{index}")
+        layer.to(home)
+        if checkpointer is not None:
+            with timer("checkpoint"):
+                factors = {}
+                for name in layer_targets:
+                    module = model.get_submodule(name)
+                    if ranks[name] is not None:
+                        factors[name + ".down.weight"] = module.down.weight
+                        factors[name + ".up.weight"] = module.up.weight
+                done = [asdict(m) for m in report.modules if m.name.startswith(prefix)]
+                checkpointer.save_layer(index, factors, done, reference.hidden, drifted.hidden if drifted is not None else None)

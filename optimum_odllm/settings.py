@@ -1,0 +1,63 @@
+"""The settings of an OD-LLM compression: one table, read by the config, the CLI, the resume fingerprint and
+the model card, so a new setting is added in exactly one place.
+
+Standard library only: ``optimum-cli`` imports this on every call to build its parsers (see
+:mod:`optimum_odllm.cli_options`), so it must not pull in torch or transformers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One ``ODLLMConfig`` field: its default, one help text, and how the command line spells it."""
+
+    name: str
+    default: Any
+    help: str
+    kind: str  # "fraction" | "bool" | "int" | "names" | "choice" | "name"
+    choices: tuple = ()
+    aliases: tuple[str, ...] = ()  # extra CLI spellings kept for compatibility
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+#: In the order data flows through the pipeline: what to compress, the data, the statistics, the solve.
+SETTINGS: tuple[Setting, ...] = (
+    Setting("ratio", 0.5, "fraction of the targeted modules' parameters to keep, in (0, 1]; 0.3 is aggressive", "fraction"),
+    Setting("target_modules", None, "name suffixes of the nn.Linear modules to factorize, e.g. q_proj mlp "
+            "(default: every linear inside the decoder layers)", "names"),
+    Setting("modules_to_not_convert", None, "name suffixes never factorized (wins over target_modules)", "names"),
+    Setting("block_name_to_compress", None, "dotted name of the decoder-layer list, e.g. model.layers, when the "
+            "automatic guess is wrong for an architecture", "name"),
+    Setting("rank_multiple", 128, "ranks are rounded to this multiple for efficient GEMMs; small modules fall back "
+            "to a smaller power of two (use 8 for tiny models)", "int"),
+    Setting("num_calibration_samples", 256, "calibration sequences to use (OD-LLM uses 256)", "int",
+            aliases=("--num-samples",)),
+    Setting("calibration_seq_len", 2048, "truncate calibration sequences to this many tokens", "int",
+            aliases=("--seq-len",)),
+    Setting("min_calibration_tokens", 64, "refuse calibration data with fewer non-padding tokens than this", "int"),
+    Setting("calibration_batch_size", 8, "calibration sequences per forward pass while collecting statistics", "int"),
+    Setting("covariance_dtype", "float64", "accumulation dtype of the input covariances X^T X", "choice",
+            choices=("float64", "float32")),
+    Setting("whitening", True, "token covariance normalization: SVD of W S instead of W (--no-whitening is the "
+            "plain-SVD ablation)", "bool"),
+    Setting("progressive", True, "progressive layer-wise alignment: statistics from the compressed prefix and a "
+            "closed-form update of the factors (--no-progressive is the one-shot ablation)", "bool"),
+    Setting("alignment", "least_squares", "progressive update variant, a name registered in "
+            "optimum_odllm.solvers (least_squares: re-solve the whole weight from drifted inputs)", "name"),
+    Setting("alignment_damping", 0.01, "ridge term of the progressive least squares, as a fraction of the mean "
+            "input variance (GPTQ-style damping; 0 = exact least squares)", "damping"),
+    Setting("solver_dtype", "float64", "dtype of the Cholesky, least-squares and SVD solves (float32 is much faster "
+            "on GPUs)", "choice", choices=("float64", "float32")),
+    Setting("svd_driver", None, "torch.linalg.svd driver on CUDA (gesvda is ~10x faster than the default at "
+            "4096x4096); ignored on CPU", "choice", choices=(None, "gesvd", "gesvdj", "gesvda")),
+)
+
+SETTING_NAMES: tuple[str, ...] = tuple(s.name for s in SETTINGS)
+DEFAULTS: dict[str, Any] = {s.name: s.default for s in SETTINGS}

@@ -1,0 +1,193 @@
+"""ONNX export of compressed models, checked against PyTorch: logits, KV cache, graph structure, beam search."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import calibration_ids, tiny_model, word_tokenizer
+from optimum_odllm import LowRankLinear, ODLLMCompressor, ODLLMConfig
+from optimum_odllm.recsys.trie import PrefixTrie, constrained_beam_search
+
+pytest.importorskip("onnxscript")
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+from optimum_odllm.exporters import OrtCausalLM, export_onnx  # noqa: E402
+from optimum_odllm.exporters.common import FlatCacheCausalLM  # noqa: E402
+
+ITEM_INDEX = {"levels": 2, "item_ids": ["a", "b"], "codes": [[0, 1], [1, 0]]}
+
+
+def compressed(arch: str):
+    model = tiny_model(arch)
+    compressor = ODLLMCompressor(model, ODLLMConfig(ratio=0.5, rank_multiple=8), tokenizer=word_tokenizer())
+    compressor.compress(calibration_ids())
+    return compressor
+
+
+@pytest.fixture(scope="module", params=[("llama", False), ("qwen2", True)], ids=["llama-last", "qwen2-all"])
+def exported(request, tmp_path_factory):
+    """A compressed tiny model saved like `optimum-cli odllm compress` does, then exported from its directory
+    (Llama with last-position logits only, the default; Qwen2 with logits for every position)."""
+    arch, all_logits = request.param
+    root = tmp_path_factory.mktemp(arch)
+    compressor = compressed(arch)
+    compressor.save_pretrained(root / "odllm")
+    (root / "odllm" / "item_index.json").write_text(json.dumps(ITEM_INDEX))
+    export_onnx(root / "odllm", root / "onnx", all_logits=all_logits)
+    return compressor.model, root
+
+
+def reference(model, *inputs):
+    with torch.no_grad():
+        return FlatCacheCausalLM(model)(*inputs)
+
+
+def test_export_writes_graph_tokenizer_and_item_index(exported):
+    _, root = exported
+    out = root / "onnx"
+    assert (out / "model.onnx").is_file()
+    copied = ["item_index.json", "tokenizer.json", "tokenizer_config.json"]
+    for name in copied:
+        assert (out / name).read_bytes() == (root / "odllm" / name).read_bytes(), name
+    from transformers import PreTrainedTokenizerFast
+
+    text = "w5 w17 w250"
+    assert PreTrainedTokenizerFast.from_pretrained(out)(text)["input_ids"] == word_tokenizer()(text)["input_ids"]
+
+
+def test_prefill_and_decode_logits_match_pytorch(exported):
+    model, root = exported
+    ort_model = OrtCausalLM(root / "onnx")
+    prompts = calibration_ids(n=2, length=9, seed=5)
+    mask = torch.ones_like(prompts)
+    mask[1, :3] = 0  # left padding: padded positions are never compared, their logits are meaningless
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    empty = ort_model.layout.empty_past(2)
+    expected = reference(model, prompts, mask, positions, *empty)
+    got = ort_model(input_ids=prompts, attention_mask=mask, position_ids=positions)
+    kept = got.logits.shape[1]
+    assert kept == (9 if json.loads((root / "onnx" / "odllm_export.json").read_text())["all_logits"] else 1)
+    valid = mask[:, -kept:].bool()
+    torch.testing.assert_close(got.logits[valid], expected[0][:, -kept:][valid], atol=1e-4, rtol=0)
+
+    # one decode step fed with the KV cache ONNX Runtime returned, against PyTorch fed with its own cache
+    step = torch.tensor([[7], [11]])
+    mask2 = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
+    pos2 = positions[:, -1:] + 1
+    expected2 = reference(model, step, mask2, pos2, *expected[1:])
+    got2 = ort_model(input_ids=step, attention_mask=mask2, position_ids=pos2, past_key_values=got.past_key_values)
+    torch.testing.assert_close(got2.logits, expected2[0], atol=1e-4, rtol=0)
+    for ours, theirs in zip(got2.past_key_values.tensors, expected2[1:]):
+        assert ours.shape == theirs.shape == (2, model.config.num_key_value_heads, 10, ours.shape[-1])
+
+
+def test_graph_keeps_two_matmuls_per_factorized_projection(exported):
+    model, root = exported
+    graph = onnx.load(str(root / "onnx" / "model.onnx")).graph
+    weights = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
+    gemms = [n for n in graph.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in weights]
+    matmul_weights = [weights[n.input[1]] for n in gemms if n.op_type == "MatMul"]
+
+    def used(matrix: torch.Tensor) -> int:
+        target = matrix.detach().numpy()
+        return sum(w.shape == target.shape and np.allclose(w, target, atol=1e-6) for w in matmul_weights)
+
+    factorized = [(name, m) for name, m in model.named_modules() if isinstance(m, LowRankLinear)]
+    assert len(factorized) == len(model.config.quantization_config.ranks) > 0
+    for name, module in factorized:
+        assert used(module.down.weight.T) >= 1, f"{name}: no MatMul with the down factor"
+        assert used(module.up.weight.T) >= 1, f"{name}: no MatMul with the up factor"
+        assert used(module.weight.T) == 0, f"{name}: the merged dense weight is in the graph"
+    # one product per nn.Linear: both factors of each projection, the lm_head (a Gemm when only the last
+    # position's logits are exported) and any linear left dense; nothing merged in between
+    dense_linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(gemms) == len(dense_linears)
+
+
+def test_constrained_beam_search_rankings_equal_pytorch(exported):
+    """A tiny recommender: 3-token item codes in a trie, beam 8, batch of prompts with and without padding."""
+    model, root = exported
+    ort_model = OrtCausalLM(root / "onnx")
+    generator = torch.Generator().manual_seed(3)
+    codes = sorted({tuple(row.tolist()) for row in torch.randint(10, 320, (60, 3), generator=generator)})
+    trie = PrefixTrie(codes)
+    prompts = torch.randint(4, 320, (3, 11), generator=generator)
+    items, scores = constrained_beam_search(model, prompts, trie, num_beams=8)
+    ort_items, ort_scores = constrained_beam_search(ort_model, prompts, trie, num_beams=8)
+    assert ort_items == items
+    torch.testing.assert_close(ort_scores, scores, atol=1e-4, rtol=0)
+
+    mask = torch.ones_like(prompts)
+    mask[0, :4] = 0
+    items, scores = constrained_beam_search(model, prompts, trie, num_beams=8, attention_mask=mask)
+    ort_items, ort_scores = constrained_beam_search(ort_model, prompts, trie, num_beams=8, attention_mask=mask)
+    assert ort_items == items
+    torch.testing.assert_close(ort_scores, scores, atol=1e-4, rtol=0)
+
+
+def test_runner_refuses_a_filled_transformers_cache(exported):
+    from transformers.cache_utils import DynamicCache
+
+    model, root = exported
+    ids = calibration_ids(n=1, length=4)
+    filled = model(input_ids=ids, past_key_values=DynamicCache(), use_cache=True).past_key_values
+    with pytest.raises(TypeError, match="first call"):
+        OrtCausalLM(root / "onnx")(input_ids=ids[:, :1], past_key_values=filled)
+
+
+def test_dequantize_merges_factors_and_saves_a_plain_checkpoint(tmp_path):
+    compressor = compressed("llama")
+    model = compressor.model
+    ids = calibration_ids(n=2, length=12, seed=9)
+    with torch.no_grad():
+        lowrank_logits = model(ids).logits
+    dense = model.dequantize()
+    assert not any(isinstance(m, LowRankLinear) for m in dense.modules())
+    assert getattr(dense.config, "quantization_config", None) is None and not dense.is_quantized
+    with torch.no_grad():
+        torch.testing.assert_close(dense(ids).logits, lowrank_logits, atol=1e-5, rtol=1e-5)
+
+    dense.save_pretrained(tmp_path / "dense")
+    assert "quantization_config" not in json.loads((tmp_path / "dense" / "config.json").read_text())
+    torch.save({"ids": ids, "logits": lowrank_logits}, tmp_path / "expected.pt")
+    # a fresh process that never imports optimum_odllm: plain transformers must load it
+    script = (
+        "import sys, torch; from transformers import AutoModelForCausalLM\n"
+        "m = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval(); e = torch.load(sys.argv[2])\n"
+        "assert 'optimum_odllm' not in sys.modules\n"
+        "with torch.no_grad(): torch.testing.assert_close(m(e['ids']).logits, e['logits'], atol=1e-5, rtol=1e-5)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script, str(tmp_path / "dense"), str(tmp_path / "expected.pt")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_cli_export_with_dequantize_gives_a_dense_graph_with_the_same_logits(tmp_path):
+    import argparse
+
+    from optimum_odllm.exporters.cli import add_export_parser, run_export
+
+    compressor = compressed("llama")
+    compressor.save_pretrained(tmp_path / "odllm")
+    parser = argparse.ArgumentParser(prog="odllm")
+    add_export_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["export", "onnx", str(tmp_path / "odllm"), "-o", str(tmp_path / "dense"), "--dequantize"])
+    path = run_export(args)
+
+    graph = onnx.load(str(path)).graph
+    shapes = {tuple(t.dims) for t in graph.initializer}
+    for name, module in compressor.model.named_modules():
+        if isinstance(module, LowRankLinear):  # the merged [in, out] weight is there, the rank-r factors are not
+            assert (module.in_features, module.out_features) in shapes, name
+            assert (module.in_features, module.rank) not in shapes, name
+    prompts = calibration_ids(n=2, length=7, seed=4)
+    with torch.no_grad():
+        expected = compressor.model(prompts).logits[:, -1:]
+    torch.testing.assert_close(OrtCausalLM(path.parent)(input_ids=prompts).logits, expected, atol=1e-4, rtol=0)

@@ -1,0 +1,294 @@
+"""Quantized low-rank factors (issue 12): quantizers against hand-written references, the module's storage
+round trip, and the integer kernels against the dequantized float reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from optimum_odllm.lowrank import LowRankLinear
+from optimum_odllm.quantization import (
+    QuantizedFactor,
+    QuantizedLowRankLinear,
+    dequantize,
+    dequantize_model,
+    quantize_lowrank_factors,
+    quantize_weight,
+    refuse_lora_on_quantized,
+    replace_with_quantized_lowrank,
+    up_covariance,
+)
+from optimum_odllm.quantization.kernels import pack_int4, unpack_int4
+
+
+def correlated_covariance(n: int, seed: int, tokens: int = 2048) -> torch.Tensor:
+    """Input covariance of activations with a strongly non-diagonal structure (as real hidden states have)."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(n, n, generator=g, dtype=torch.float64) / n**0.5
+    x = torch.randn(tokens, n, generator=g, dtype=torch.float64) @ mix
+    x += 0.05 * torch.randn(tokens, n, generator=g, dtype=torch.float64)
+    return x.T @ x / tokens
+
+
+def output_error(weight: torch.Tensor, approx: torch.Tensor, cov: torch.Tensor) -> float:
+    d = weight.double() - approx.double()
+    return torch.trace(d @ cov @ d.T).item()
+
+
+def random_weight(out: int, inp: int, seed: int) -> torch.Tensor:
+    return torch.randn(out, inp, generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------- quantizers
+
+def test_rtn_int8_hand_example():
+    # absmax 127 -> scale exactly 1.0 (bf16-representable); round half to even: 2.5 -> 2, -3.4 -> -3
+    w = torch.tensor([[127.0, -3.4, 2.5, 0.49], [0.0, 0.0, 0.0, 0.0]])
+    q = quantize_weight(w, None, 8, method="rtn")
+    assert q.qweight.dtype == torch.int8
+    assert q.qweight[0].tolist() == [127, -3, 2, 0]
+    assert q.qweight[1].tolist() == [0, 0, 0, 0] and torch.isfinite(q.scales).all()
+    assert q.scales[0].item() == 1.0
+
+
+def test_rtn_int4_hand_example():
+    # group [0, 15, 7.4, 3.6]: scale 1, zero 8 (both exact in bf16); codes = round(w - 8) + 8
+    w = torch.tensor([[0.0, 15.0, 7.4, 3.6]])
+    q = quantize_weight(w, None, 4, group_size=4, method="rtn")
+    assert q.qweight.tolist() == [[0, 15, 7, 4]]
+    assert q.scales.tolist() == [[1.0]] and q.zeros.tolist() == [[8.0]]
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_rtn_matches_round_reference_and_half_step_bound(bits):
+    w = random_weight(48, 256, seed=3) * torch.linspace(0.01, 3.0, 48)[:, None]
+    q = quantize_weight(w, None, bits, group_size=64, method="rtn")
+    wd = w.double()
+    if bits == 8:
+        s = q.scales.double()[:, None].expand_as(wd)
+        ideal = w.abs().amax(1).double() / 127
+        assert (q.scales.double() >= ideal).all() and (q.scales.double() <= ideal * (1 + 2**-7)).all()
+        ref = torch.clamp(torch.round(wd / s), -127, 127)
+    else:
+        s = q.scales.double().repeat_interleave(64, 1)
+        z = q.zeros.double().repeat_interleave(64, 1)
+        groups = wd.reshape(48, 4, 64)
+        assert (q.zeros.double() - 8 * q.scales.double() <= groups.amin(-1) + 1e-12).all()  # range covered
+        assert (q.zeros.double() + 7 * q.scales.double() >= groups.amax(-1) - 1e-12).all()
+        ref = torch.clamp(torch.round((wd - z) / s) + 8, 0, 15)
+    assert torch.equal(q.qweight.double(), ref)
+    err = (dequantize(q, torch.float64) - wd).abs()
+    assert (err <= s / 2 * (1 + 1e-6)).all()
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_gptq_beats_rtn_on_correlated_inputs(bits):
+    ratios = []
+    for seed in range(4):
+        cov = correlated_covariance(256, seed)
+        w = random_weight(64, 256, seed=100 + seed)
+        e_rtn = output_error(w, dequantize(quantize_weight(w, cov, bits, 128, "rtn")), cov)
+        e_gptq = output_error(w, dequantize(quantize_weight(w, cov, bits, 128, "gptq")), cov)
+        assert e_gptq <= e_rtn
+        ratios.append(e_gptq / e_rtn)
+    assert sum(ratios) / len(ratios) < 0.9  # strict improvement on average, not a tie
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_gptq_with_identity_covariance_is_rtn(bits):
+    # with H = I no error can be moved to other columns, so GPTQ must reduce to plain rounding
+    w = random_weight(32, 256, seed=7)
+    eye = torch.eye(256, dtype=torch.float64)
+    a, b = quantize_weight(w, eye, bits, 128, "gptq"), quantize_weight(w, None, bits, 128, "rtn")
+    assert torch.equal(a.qweight, b.qweight) and torch.equal(a.scales, b.scales)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_gptq_codes_in_range(bits):
+    cov = correlated_covariance(128, 0)
+    q = quantize_weight(random_weight(40, 128, 1) * 5, cov, bits, 64, "gptq")
+    lo, hi, dtype = (-127, 127, torch.int8) if bits == 8 else (0, 15, torch.uint8)
+    assert q.qweight.dtype == dtype and q.qweight.min() >= lo and q.qweight.max() <= hi
+    assert torch.isfinite(q.scales).all() and (q.scales > 0).all()
+
+
+def test_nan_inf_and_bad_arguments_raise():
+    w = random_weight(8, 64, 0)
+    cov = correlated_covariance(64, 0)
+    for bad in (float("nan"), float("inf")):
+        wb = w.clone()
+        wb[3, 5] = bad
+        with pytest.raises(ValueError, match="NaN/Inf"):
+            quantize_weight(wb, cov, 8, method="gptq")
+        cb = cov.clone()
+        cb[1, 2] = bad
+        with pytest.raises(ValueError, match="NaN/Inf"):
+            quantize_weight(w, cb, 4, 32, "gptq")
+    with pytest.raises(ValueError, match="divide"):
+        quantize_weight(w, None, 4, group_size=48, method="rtn")
+    with pytest.raises(ValueError, match="rtn"):
+        quantize_weight(w, None, 8, method="gptq")
+    with pytest.raises(ValueError, match="bits"):
+        quantize_weight(w, None, 3, method="rtn")
+
+
+def test_lowrank_factors_use_dequantized_down_for_up():
+    cov = correlated_covariance(128, 2)
+    up, down = random_weight(96, 64, 4), random_weight(64, 128, 5)
+    q_up, q_down = quantize_lowrank_factors(up, down, cov, 4, 64, "gptq")
+    h_up = up_covariance(dequantize(q_down, torch.float64), cov)
+    expected = quantize_weight(up, h_up, 4, 64, "gptq")
+    assert torch.equal(q_up.qweight, expected.qweight) and torch.equal(q_up.zeros, expected.zeros)
+    # end to end the pair reproduces up @ down on the calibration distribution better than rounding
+    dense = up.double() @ down.double()
+    r_up, r_down = quantize_lowrank_factors(up, down, cov, 4, 64, "rtn")
+    e_gptq = output_error(dense, dequantize(q_up, torch.float64) @ dequantize(q_down, torch.float64), cov)
+    e_rtn = output_error(dense, dequantize(r_up, torch.float64) @ dequantize(r_down, torch.float64), cov)
+    assert e_gptq < e_rtn
+
+
+def test_int4_nibble_packing_hand_example_and_round_trip():
+    codes = torch.tensor([[1, 2, 15, 0]], dtype=torch.uint8)
+    assert pack_int4(codes).tolist() == [[0x21, 0x0F]]
+    many = torch.randint(0, 16, (16, 64), dtype=torch.uint8)
+    assert torch.equal(unpack_int4(pack_int4(many)), many)
+    with pytest.raises(ValueError, match=r"\[0, 15\]"):
+        pack_int4(torch.tensor([[16, 0]], dtype=torch.uint8))
+
+
+# ---------------------------------------------------------------- the module
+
+def make_quantized(bits: int, seed: int = 0, method: str = "gptq", bias: bool = True) -> QuantizedLowRankLinear:
+    torch.manual_seed(seed)
+    lowrank = LowRankLinear(256, 192, 128, bias=bias)
+    return QuantizedLowRankLinear.from_lowrank(lowrank, correlated_covariance(256, seed), bits, 128, method)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_state_dict_safetensors_round_trip_on_meta_skeleton(bits, tmp_path):
+    module = make_quantized(bits)
+    path = tmp_path / "q.safetensors"
+    save_file(module.state_dict(), str(path))
+    with torch.device("meta"):
+        skeleton = QuantizedLowRankLinear(256, 192, 128, bits, 128, bias=True)
+    loaded_sd = load_file(str(path))
+    skeleton.load_state_dict(loaded_sd, strict=True, assign=True)
+    for key, value in module.state_dict().items():
+        assert skeleton.state_dict()[key].dtype == value.dtype
+        assert torch.equal(skeleton.state_dict()[key], value), key
+    x = torch.randn(2, 3, 256)
+    assert torch.equal(skeleton(x), module(x))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_meta_skeleton_to_empty_then_load(bits):
+    module = make_quantized(bits, seed=1)
+    with torch.device("meta"):
+        skeleton = QuantizedLowRankLinear(256, 192, 128, bits, 128, bias=True)
+    skeleton = skeleton.to_empty(device="cpu")
+    skeleton.load_state_dict(module.state_dict(), strict=True)
+    x = torch.randn(4, 256)
+    assert torch.equal(skeleton(x), module(x))
+
+
+def kernel_tolerance(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Elementwise bound for bf16 activations/outputs: a few bf16 ulps of |x| @ |W|^T."""
+    return 2**-8 * (x.abs().double() @ weight.abs().double().T)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_factor_kernel_matches_dequantized_reference(bits, dtype):
+    w = random_weight(192, 256, 9)
+    q = quantize_weight(w, correlated_covariance(256, 9), bits, 128, "gptq")
+    factor = QuantizedFactor.from_quantized(q, bias=torch.randn(192))
+    expected_kernel = "aten_int8" if bits == 8 else "aten_int4_cpu"
+    assert factor.prepared(torch.device("cpu"), dtype).kernel == expected_kernel  # a real integer kernel ran
+    x = torch.randn(5, 256).to(dtype)
+    y = factor(x)
+    assert y.dtype == dtype
+    wd = dequantize(q, torch.float64)
+    ref = x.double() @ wd.T + factor.bias.double()
+    assert ((y.double() - ref).abs() <= kernel_tolerance(x, wd) + 2**-7).all()
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_lowrank_forward_matches_dequantized_lowrank(bits):
+    module = make_quantized(bits, seed=2)
+    reference = module.dequantize(torch.float64)
+    x = torch.randn(3, 7, 256)
+    y = module(x).double()
+    ref = reference(x.double())
+    up, down = reference.up.weight, reference.down.weight
+    bound = 2**-7 * ((x.abs().double() @ down.abs().T) @ up.abs().T) + 2**-7
+    assert ((y - ref).abs() <= bound).all()
+
+
+def test_dequantize_returns_exact_lowrank_and_lora_refusal():
+    module = make_quantized(4, seed=3)
+    float_module = module.dequantize()
+    assert isinstance(float_module, LowRankLinear)
+    assert torch.equal(float_module.down.weight, module.down.dequantized_weight())
+    assert torch.equal(float_module.up.weight, module.up.dequantized_weight())
+    model = torch.nn.Sequential(module)
+    with pytest.raises(ValueError, match="dequantize_model"):
+        refuse_lora_on_quantized(model)
+    dequantize_model(model)
+    assert isinstance(model[0], LowRankLinear)
+    refuse_lora_on_quantized(model)  # no longer raises
+
+
+def test_reloaded_weights_invalidate_prepared_kernel_layout():
+    a, b = make_quantized(8, seed=4), make_quantized(8, seed=5)
+    x = torch.randn(2, 256)
+    before = a(x)  # builds and caches the kernel layout
+    a.load_state_dict(b.state_dict())
+    assert torch.equal(a(x), b(x)) and not torch.equal(a(x), before)
+
+
+def test_unsupported_int4_shape_falls_back_to_dequantized():
+    w = random_weight(40, 128, 11)  # 40 rows: the CPU int4 kernel needs a multiple of 16
+    factor = QuantizedFactor.from_quantized(quantize_weight(w, None, 4, 64, "rtn"))
+    assert factor.kernel == "dequantized"
+    x = torch.randn(3, 128)
+    ref = x.double() @ factor.dequantized_weight(torch.float64).T
+    assert ((factor(x).double() - ref).abs() <= kernel_tolerance(x, factor.dequantized_weight()) + 2**-7).all()
+
+
+def test_replace_with_quantized_lowrank_builds_loadable_skeleton():
+    source = torch.nn.Sequential(make_quantized(8, seed=6))
+    with torch.device("meta"):
+        skeleton = torch.nn.Sequential(LowRankLinear(256, 192, 128, bias=True))
+    replace_with_quantized_lowrank(skeleton, bits=8, group_size=128)
+    skeleton.load_state_dict(source.state_dict(), strict=True, assign=True)
+    x = torch.randn(2, 256)
+    assert torch.equal(skeleton(x), source(x))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("bits", [8, 4])
+def test_cuda_kernels_match_dequantized_reference(bits):
+    module = make_quantized(bits, seed=8).cuda()
+    assert module.down.prepared(torch.device("cuda"), torch.bfloat16).kernel != "dequantized"
+    x = torch.randn(4, 256, device="cuda", dtype=torch.bfloat16)
+    reference = module.dequantize(torch.float64).cuda()
+    ref = reference(x.double())
+    up, down = reference.up.weight, reference.down.weight
+    bound = 2**-7 * ((x.abs().double() @ down.abs().T) @ up.abs().T) + 2**-7
+    assert ((module(x).double() - ref).abs() <= bound).all()
+
+
+def test_int4_group_halves_for_ranks_not_divisible_by_group():
+    # OD-LLM ranks can be 192 (128 + a 64 step): the up factor then uses g64, derivable from shapes alone
+    torch.manual_seed(12)
+    lowrank = LowRankLinear(256, 128, 192, bias=False)
+    module = QuantizedLowRankLinear.from_lowrank(lowrank, correlated_covariance(256, 12), 4, 128, "gptq")
+    assert module.down.group_size == 128 and module.up.group_size == 64
+    with torch.device("meta"):
+        skeleton = QuantizedLowRankLinear(256, 128, 192, 4, 128, bias=False)
+    assert {k: v.shape for k, v in skeleton.state_dict().items()} == {k: v.shape for k, v in module.state_dict().items()}
+    skeleton.load_state_dict(module.state_dict(), assign=True)
+    x = torch.randn(2, 256)
+    assert torch.equal(skeleton(x), module(x))

@@ -1,7 +1,8 @@
-"""Under ``accelerate launch`` (2 CPU processes, gloo): evaluation equals the single-process one exactly, and
-the ``Trainer`` recipe trains with DDP (data split, replicas in sync, response-only labels, index tokens).
+"""Under ``accelerate launch`` (2 CPU processes, gloo): evaluation (library and ``optimum-cli odllm evaluate``)
+equals the single-process one exactly, and the ``Trainer`` recipe trains with DDP (data split, replicas in sync,
+response-only labels, index tokens).
 
-This file is also the worker script: ``accelerate launch ... tests/test_distributed_eval.py WORKDIR eval|train``.
+This file is also the worker script: ``accelerate launch ... tests/test_distributed_eval.py WORKDIR eval|train|cli``.
 """
 
 from __future__ import annotations
@@ -127,6 +128,32 @@ def train_worker(workdir: Path) -> None:
          "vocab": trained.get_input_embeddings().weight.shape[0]}))
 
 
+def make_cli_task(workdir: Path) -> list[str]:
+    """A random tiny recommender for the interaction table of ``test_cli``; returns the CLI's data arguments."""
+    from test_cli import _interactions
+
+    from optimum_odllm.recsys import load_interactions_table
+
+    inter, meta = _interactions(workdir, users=30, items=16)
+    data = load_interactions_table(str(inter), items=str(meta))
+    index = ItemIndex(codes=[(a, b) for a in range(4) for b in range(4)][: data.n_items], item_ids=data.item_ids)
+    tokenizer = build_offline_tokenizer(data.item_text, index)
+    model = build_offline_model(tokenizer, hidden_size=32, num_layers=1, num_heads=2, seed=0)
+    model.save_pretrained(workdir / "model")
+    tokenizer.save_pretrained(workdir / "model")
+    index.save(workdir / "model")
+    return ["--dataset", str(inter), "--items", str(meta), "--beams", "6", "--batch-size", "4"]
+
+
+def cli_worker(workdir: Path) -> None:
+    """Run under ``accelerate launch``: the evaluate command, writing JSON from the main process only."""
+    from optimum_odllm.cli import main
+
+    torch.set_num_threads(1)
+    args = json.loads((workdir / "cli_args.json").read_text())
+    main(["evaluate", str(workdir / "model"), *args, "--output-json", str(workdir / "cli_launched.json")])
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -199,5 +226,29 @@ def test_two_process_training_with_the_trainer_recipe(tmp_path):
         assert all(tuple(row[:-1]) in codes and row[-1] == encoder.tokenizer.eos_token_id for row in r["labelled"])
 
 
+@pytest.mark.slow
+def test_two_process_cli_evaluate_equals_single_process(tmp_path, capsys):
+    from optimum_odllm.cli import main
+
+    args = make_cli_task(tmp_path)
+    (tmp_path / "cli_args.json").write_text(json.dumps(args))
+    launch_two_cpu_processes(tmp_path, "cli")
+    launched = json.loads((tmp_path / "cli_launched.json").read_text())
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        main(["evaluate", str(tmp_path / "model"), *args, "--output-json", str(tmp_path / "cli_single.json")])
+    finally:
+        torch.set_num_threads(threads)
+    single = json.loads((tmp_path / "cli_single.json").read_text())
+    assert launched["processes"] == 2 and single["processes"] == 1
+    assert launched["history_excluded"] and single["history_excluded"]  # no repeats in the table: masked by default
+    assert launched["users"] == single["users"] == 30
+    launched.pop("processes"), single.pop("processes")
+    assert launched == single  # every metric and standard error, exactly
+    assert "NDCG@10_se" in single and " ± " in capsys.readouterr().out
+
+
 if __name__ == "__main__":
-    {"eval": worker, "train": train_worker}[sys.argv[2]](Path(sys.argv[1]))
+    {"eval": worker, "train": train_worker, "cli": cli_worker}[sys.argv[2]](Path(sys.argv[1]))

@@ -8,6 +8,7 @@ with ``optimum_odllm.exporters`` and measures, all in ONE process with the timin
 * ``load_s``: median time to load it (3 loads);
 * ``prefill_ms_b1``: one forward over a real evaluation prompt at batch 1 (empty cache);
 * ``decode_ms_per_token_b1``: one-token forwards fed the previous step's KV cache, batch 1, per token;
+* ``decode_ms_per_step_beam_batch``: the same at the beam search's batch (``--eval-batch`` x ``--beams`` rows);
 * ``users_per_s``: the recommender's constrained beam search (``recsys.recommend``; beam 20) on test users;
 * quality: HR@10 / NDCG@10 (with standard errors over users) of each model in each runtime on
   ``--eval-users`` test users, and the fraction of users whose whole ranked list equals PyTorch's.
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import math
+import os
 import statistics
 import sys
 import time
@@ -68,7 +70,7 @@ def compress(dense_dir: Path, out_dir: Path, args, encoder, split) -> Path:
     config = ODLLMConfig(ratio=args.ratio, rank_multiple=args.rank_multiple,
                          num_calibration_samples=args.calibration_samples)
     compressor = ODLLMCompressor(model, config, tokenizer=tokenizer)
-    compressor.item_index_file = dense_dir / "item_index.json"
+    compressor.artifacts["item_index.json"] = dense_dir / "item_index.json"  # exported beside the graph
     compressor.compress(rc.calibration_ids(encoder, split, args.calibration_samples))
     compressor.save_pretrained(out_dir)
     return out_dir
@@ -92,15 +94,17 @@ def export(model_dir: Path, runtime: str, max_batch: int, max_seq_len: int) -> P
 
 
 def loader(runtime: str, directory: Path, threads: int) -> Callable[[], Any]:
-    if runtime == "pytorch":
-        return lambda: rc.load_recommender(directory)[0]
+    if runtime == "pytorch":  # the model only, as the runtimes below (no tokenizer or item index)
+        from transformers import AutoModelForCausalLM
+
+        return lambda: AutoModelForCausalLM.from_pretrained(str(directory)).eval()
     if runtime == "onnxruntime":
         from optimum_odllm.exporters import OrtCausalLM
 
         return lambda: OrtCausalLM(directory, num_threads=threads)
     from optimum_odllm.exporters.executorch import EtCausalLM
 
-    return lambda: EtCausalLM(directory)
+    return lambda: EtCausalLM(directory, num_threads=threads)
 
 
 def file_mib(runtime: str, directory: Path) -> float:
@@ -122,7 +126,9 @@ def median_seconds(fn: Callable[[], Any], repeat: int) -> float:
 def prefill(model, prompt: torch.Tensor) -> Any:
     from transformers.cache_utils import DynamicCache
 
-    return model(input_ids=prompt, past_key_values=DynamicCache(), use_cache=True)
+    # the exports return the last position's logits only; ask PyTorch for the same work
+    last_only = {"logits_to_keep": 1} if isinstance(model, torch.nn.Module) else {}
+    return model(input_ids=prompt, past_key_values=DynamicCache(), use_cache=True, **last_only)
 
 
 def decode_seconds_per_token(model, prompt: torch.Tensor, tokens: int) -> float:
@@ -168,6 +174,7 @@ def main(argv=None) -> dict[str, Any]:
     prompts = [encoder.prompt_ids(PACKED_SEQREC_TEMPLATE, ex.history) for ex in eval_examples]
     max_seq_len = max(len(p) for p in prompts) + len(encoder.item_ids[0]) + args.decode_tokens
     prompt = torch.tensor([prompts[0]])
+    beam_prompt = prompt.expand(args.eval_batch * args.beams, -1).contiguous()
 
     variants: dict[tuple[str, str], dict[str, Any]] = {}
     for name, directory in models.items():
@@ -194,6 +201,7 @@ def main(argv=None) -> dict[str, Any]:
         print(f"quality {name}/{runtime}: HR@10 {hr:.4f} NDCG@10 {ndcg:.4f} same lists {sum(same)}/{len(same)}", flush=True)
 
     timings: dict[tuple[str, str], dict[str, list[float]]] = {key: {} for key in variants}
+    load_before = os.getloadavg()[0]  # other processes on the machine: ratios are side by side, absolutes are not
     for _ in range(args.rounds):  # round-robin: a noisy neighbour hits every variant alike
         for key, v in variants.items():
             model, t = v["model"], timings[key]
@@ -202,6 +210,9 @@ def main(argv=None) -> dict[str, Any]:
                 t.setdefault("prefill_ms_b1", []).append(1e3 * median_seconds(lambda: prefill(model, prompt), args.repeat))
                 t.setdefault("decode_ms_per_token_b1", []).append(
                     1e3 * statistics.median(decode_seconds_per_token(model, prompt, args.decode_tokens) for _ in range(args.repeat)))
+                # the beam search's decode step: users per call x beams rows, each with its own KV cache
+                t.setdefault("decode_ms_per_step_beam_batch", []).append(
+                    1e3 * statistics.median(decode_seconds_per_token(model, beam_prompt, 4) for _ in range(3)))
                 start = time.perf_counter()
                 recommend(model, encoder, speed_examples, PACKED_SEQREC_TEMPLATE, num_beams=args.beams,
                           batch_size=args.eval_batch, progress=False)
@@ -219,14 +230,14 @@ def main(argv=None) -> dict[str, Any]:
         row["users_per_s_vs_pytorch"] = row["users_per_s"] / torch_row["users_per_s"]
 
     speed_cols = ["model", "runtime", "file_mib", "size_vs_dense", "load_s", "prefill_ms_b1", "decode_ms_per_token_b1",
-                  "decode_speedup_vs_dense", "users_per_s", "users_per_s_vs_dense", "users_per_s_vs_pytorch"]
+                  "decode_speedup_vs_dense", "decode_ms_per_step_beam_batch", "users_per_s", "users_per_s_vs_dense", "users_per_s_vs_pytorch"]
     quality_cols = ["model", "runtime", "users", "HR@10", "HR@10_se", "NDCG@10", "NDCG@10_se", "same_ranking_as_pytorch"]
     print(markdown_table(rows, speed_cols))
     print()
     print(markdown_table(quality, quality_cols))
     versions = {m: _version(m) for m in ("onnxruntime", "onnx", "onnxscript", "executorch", "transformers")}
     payload = {"machine": machine_info(), "versions": versions, "args": vars(args), "speed": rows, "quality": quality,
-               "max_seq_len": max_seq_len}
+               "max_seq_len": max_seq_len, "load_average_1min_before_after_timings": [load_before, os.getloadavg()[0]]}
     write_json(args.out, payload)
     Path(args.out).with_suffix(".md").write_text(
         markdown_table(rows, speed_cols) + "\n\n" + markdown_table(quality, quality_cols) + "\n")

@@ -8,22 +8,31 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import calibration_ids, tiny_model
+from conftest import calibration_ids, tiny_model, word_tokenizer
 from optimum_odllm import ODLLMCompressor, ODLLMConfig
 from optimum_odllm.recsys.trie import PrefixTrie, constrained_beam_search
 
 pytest.importorskip("executorch.runtime")
 
+from optimum_odllm.cli import main  # noqa: E402
 from optimum_odllm.exporters.common import FlatCacheCausalLM  # noqa: E402
 from optimum_odllm.exporters.executorch import EtCausalLM, export_executorch  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    model = tiny_model("llama")
-    ODLLMCompressor(model, ODLLMConfig(ratio=0.5, rank_multiple=8)).compress(calibration_ids())
-    out = tmp_path_factory.mktemp("et")
-    path = export_executorch(model, out, max_batch=24, max_seq_len=32)
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def exported(request, tmp_path_factory):
+    """A compressed tiny Llama exported with the Python function; a Qwen2 saved, then exported by the CLI."""
+    model = tiny_model(request.param)
+    compressor = ODLLMCompressor(model, ODLLMConfig(ratio=0.5, rank_multiple=8), tokenizer=word_tokenizer())
+    compressor.compress(calibration_ids())
+    out = tmp_path_factory.mktemp(f"et-{request.param}")
+    if request.param == "llama":
+        path = export_executorch(model, out, max_batch=24, max_seq_len=32)
+    else:
+        compressor.save_pretrained(out / "odllm")
+        path = out / "pte" / "model.pte"
+        assert main(["export", "executorch", str(out / "odllm"), "-o", str(path.parent), "--max-batch", "24",
+                     "--max-seq-len", "32"]) == 0
     return model, path.parent
 
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,6 +24,7 @@ pytest.importorskip("onnxruntime")
 from optimum_odllm.exporters import OrtCausalLM, export_onnx  # noqa: E402
 from optimum_odllm.exporters.common import FlatCacheCausalLM  # noqa: E402
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
 ITEM_INDEX = {"levels": 2, "item_ids": ["a", "b"], "codes": [[0, 1], [1, 0]]}
 
 
@@ -169,17 +173,17 @@ def test_dequantize_merges_factors_and_saves_a_plain_checkpoint(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
 
 
-def test_cli_export_with_dequantize_gives_a_dense_graph_with_the_same_logits(tmp_path):
-    import argparse
-
-    from optimum_odllm.exporters.cli import add_export_parser, run_export
-
+def test_optimum_cli_export_with_dequantize_gives_a_dense_graph_with_the_same_logits(tmp_path):
+    """Through the installed `optimum-cli` entry point, as a user runs it (the register module, not a test parser)."""
     compressor = compressed("llama")
     compressor.save_pretrained(tmp_path / "odllm")
-    parser = argparse.ArgumentParser(prog="odllm")
-    add_export_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["export", "onnx", str(tmp_path / "odllm"), "-o", str(tmp_path / "dense"), "--dequantize"])
-    path = run_export(args)
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))  # the register module, before/without `pip install -e .`
+    cli = Path(sys.executable).with_name("optimum-cli")
+    result = subprocess.run([str(cli), "odllm", "export", "onnx", str(tmp_path / "odllm"), "-o", str(tmp_path / "dense"),
+                             "--dequantize"], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    path = tmp_path / "dense" / "model.onnx"
+    assert f"wrote {path}" in result.stdout
 
     graph = onnx.load(str(path)).graph
     shapes = {tuple(t.dims) for t in graph.initializer}
@@ -191,3 +195,45 @@ def test_cli_export_with_dequantize_gives_a_dense_graph_with_the_same_logits(tmp
     with torch.no_grad():
         expected = compressor.model(prompts).logits[:, -1:]
     torch.testing.assert_close(OrtCausalLM(path.parent)(input_ids=prompts).logits, expected, atol=1e-4, rtol=0)
+
+
+def test_console_script_exports_a_factored_graph_and_names_the_extra_when_missing(tmp_path, monkeypatch, capsys):
+    """`optimum-odllm export onnx` writes the same graph as export_onnx; without onnxscript it says which extra."""
+    import importlib.util
+
+    from optimum_odllm.cli import main
+
+    compressor = compressed("qwen2")
+    compressor.save_pretrained(tmp_path / "odllm")
+    assert main(["export", "onnx", str(tmp_path / "odllm"), "-o", str(tmp_path / "onnx")]) == 0
+    shapes = {tuple(t.dims) for t in onnx.load(str(tmp_path / "onnx" / "model.onnx")).graph.initializer}
+    factors = [m for m in compressor.model.modules() if isinstance(m, LowRankLinear)]
+    assert factors and all((m.in_features, m.rank) in shapes for m in factors)
+    ids = calibration_ids(n=2, length=6, seed=2)
+    with torch.no_grad():
+        expected = compressor.model(ids).logits[:, -1:]
+    torch.testing.assert_close(OrtCausalLM(tmp_path / "onnx")(input_ids=ids).logits, expected, atol=1e-4, rtol=0)
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxscript" else real_find_spec(name, *a))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", "onnx", str(tmp_path / "odllm"), "-o", str(tmp_path / "again")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: ONNX export needs onnxscript")
+    assert 'pip install "optimum-odllm[export]"' in err and not (tmp_path / "again").exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("executorch") is not None, reason="executorch is installed here")
+def test_executorch_export_without_executorch_names_the_extra(tmp_path, capsys):
+    from optimum_odllm.cli import main
+
+    compressed("llama").save_pretrained(tmp_path / "odllm")
+    capsys.readouterr()  # the compression's progress bars
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", "executorch", str(tmp_path / "odllm"), "-o", str(tmp_path / "pte")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == ['error: ExecuTorch export needs executorch, which is not installed: '
+                                'pip install "optimum-odllm[executorch]"']

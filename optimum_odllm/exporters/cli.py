@@ -12,9 +12,9 @@ from pathlib import Path
 EXPORT_HELP = "Export a compressed (or dense) model to a device runtime: ONNX Runtime or ExecuTorch (XNNPACK)."
 RUNTIME_HELP = {
     "onnx": "ONNX graph with KV-cache inputs/outputs (model.onnx), low-rank factors kept as two MatMuls; "
-    "run it with ONNX Runtime (optimum_odllm.exporters.OrtCausalLM). Needs `pip install optimum-odllm[export]`.",
+    "run it with ONNX Runtime (optimum_odllm.exporters.OrtCausalLM). Needs `pip install \"optimum-odllm[export]\"`.",
     "executorch": "ExecuTorch program (model.pte) delegated to XNNPACK, KV-cache inputs/outputs, factors kept; "
-    "run it with ExecuTorch's runtime. Needs `pip install optimum-odllm[executorch]`.",
+    "run it with ExecuTorch's runtime. Needs `pip install \"optimum-odllm[executorch]\"`.",
 }
 
 
@@ -28,10 +28,10 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
                         "the last one only, which is what generation and the recommender's beam search read).")
 
 
-def add_export_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add ``export {onnx,executorch}`` to an ``odllm`` subparsers object; returns the ``export`` parser."""
-    export = subparsers.add_parser("export", help=EXPORT_HELP, description=EXPORT_HELP)
-    runtimes = export.add_subparsers(dest="runtime", metavar="{onnx,executorch}", required=True)
+def add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    """Give an ``export`` parser its ``onnx``/``executorch`` subcommands (``cli_options.ADDERS["export"]``)."""
+    runtimes = parser.add_subparsers(dest="runtime", metavar="{onnx,executorch}", required=True,
+                                     help="the runtime to export for: onnx (ONNX Runtime) or executorch (XNNPACK).")
     onnx = runtimes.add_parser("onnx", help=RUNTIME_HELP["onnx"], description=RUNTIME_HELP["onnx"])
     _add_common(onnx)
     onnx.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's, 18 or newer).")
@@ -41,7 +41,6 @@ def add_export_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
                     "search's decode batch is users x beams (default: 32).")
     et.add_argument("--max-seq-len", type=int, default=None, help="largest prompt + generated length "
                     "(default: the model's max_position_embeddings, at most 512).")
-    return export
 
 
 def run_export(args: argparse.Namespace) -> Path:

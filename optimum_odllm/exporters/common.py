@@ -9,6 +9,7 @@ Tracing that wrapper keeps every ``LowRankLinear`` as two matmuls: the factored 
 from __future__ import annotations
 
 import copy
+import importlib.util
 import inspect
 import json
 import shutil
@@ -22,6 +23,14 @@ from torch import nn
 
 METADATA_FILE = "odllm_export.json"
 ITEM_INDEX_FILE = "item_index.json"  # same name as optimum_odllm.recsys.INDEX_FILE (not imported: no recsys deps)
+
+
+def require_extra(extra: str, purpose: str, *modules: str) -> None:
+    """Refuse early, in one line that names the pip extra, when a runtime package is not installed."""
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ImportError(f'{purpose} needs {", ".join(missing)}, which is not installed: '
+                          f'pip install "optimum-odllm[{extra}]"')
 
 
 @dataclass(frozen=True)

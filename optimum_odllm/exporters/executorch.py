@@ -3,7 +3,7 @@
 ``torch.export`` keeps each ``LowRankLinear`` as two linears, which XNNPACK runs as two thin GEMMs. The
 program has the same flat KV-cache signature as the ONNX export; ExecuTorch plans memory for the largest
 shapes, so batch and sequence length get upper bounds (``max_batch``, ``max_seq_len``) at export time.
-Needs the ``executorch`` extra (``pip install optimum-odllm[executorch]``: executorch 1.5.1, torchao 0.18).
+Needs the ``executorch`` extra (``pip install "optimum-odllm[executorch]"``: executorch 1.5.1, torchao 0.18).
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from typing import Any
 import torch
 
 from .common import (
-    METADATA_FILE, FlatCacheCausalLM, check_signature, example_inputs, load_for_export, read_layout, write_sidecars,
+    METADATA_FILE, FlatCacheCausalLM, check_signature, example_inputs, load_for_export, read_layout, require_extra,
+    write_sidecars,
 )
 from .runner import FlatCacheRunner
 
@@ -49,14 +50,9 @@ def export_executorch(model_or_path: Any, output_dir: str | Path, *, max_batch: 
     (default: the model's ``max_position_embeddings``, at most 512) bounds prompt plus generated tokens.
     ``dequantize`` and ``all_logits`` as in :func:`~optimum_odllm.exporters.onnx.export_onnx`.
     """
-    try:
-        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-        from executorch.exir import to_edge_transform_and_lower
-    except ImportError as error:
-        raise ImportError(
-            "ExecuTorch export needs `pip install optimum-odllm[executorch]` (executorch==1.5.1, which works "
-            f"with torch 2.13): {error}"
-        ) from error
+    require_extra("executorch", "ExecuTorch export", "executorch")
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
     import torch.fx.experimental._config as fx_config
 
     model, source = load_for_export(model_or_path, dequantize=dequantize)
@@ -82,8 +78,16 @@ def export_executorch(model_or_path: Any, output_dir: str | Path, *, max_batch: 
 class EtCausalLM(FlatCacheRunner):
     """ExecuTorch's Python runtime over ``model.pte``, with the recommender-facing model interface."""
 
-    def __init__(self, directory: str | Path):
+    def __init__(self, directory: str | Path, num_threads: int | None = None):
+        """``num_threads`` resizes ExecuTorch's threadpool (XNNPACK's threads), which is process-wide."""
+        require_extra("executorch", "Running an ExecuTorch export", "executorch")
         from executorch.runtime import Runtime
+
+        if num_threads is not None:
+            from executorch.extension.pybindings.portable_lib import _threadpool_get_thread_count, _unsafe_reset_threadpool
+
+            if _threadpool_get_thread_count() != num_threads:
+                _unsafe_reset_threadpool(num_threads)
 
         directory = Path(directory)
         self.layout = read_layout(directory)
@@ -94,8 +98,8 @@ class EtCausalLM(FlatCacheRunner):
         self.directory = directory
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path) -> "EtCausalLM":
-        return cls(directory)
+    def from_pretrained(cls, directory: str | Path, **kwargs) -> "EtCausalLM":
+        return cls(directory, **kwargs)
 
     def run(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         batch, total = inputs[1].shape  # the attention mask covers past + new tokens

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from .common import (
-    FlatCacheCausalLM, check_signature, dynamic_shapes, example_inputs, load_for_export, write_sidecars,
+    FlatCacheCausalLM, check_signature, dynamic_shapes, example_inputs, load_for_export, require_extra, write_sidecars,
 )
 
 
@@ -31,9 +31,9 @@ def export_onnx(model_or_path: Any, output_dir: str | Path, *, tokenizer: Any = 
     ``item_index.json`` are taken from that directory unless given. ``dequantize`` merges the factors first
     (for runtimes that need dense weights); ``all_logits`` returns logits for every position instead of the
     last one only. Returns the path of ``model.onnx``.
-    Needs the ``export`` extra (``pip install optimum-odllm[export]``: onnx, onnxscript, onnxruntime).
+    Needs the ``export`` extra (``pip install "optimum-odllm[export]"``: onnx, onnxscript, onnxruntime).
     """
-    _require("onnxscript", "onnx")
+    require_extra("export", "ONNX export", "onnx", "onnxscript")
     model, source = load_for_export(model_or_path, dequantize=dequantize)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -53,13 +53,3 @@ def export_onnx(model_or_path: Any, output_dir: str | Path, *, tokenizer: Any = 
                    format="onnx", file=ONNX_FILE, all_logits=all_logits)
     return path
 
-
-def _require(*modules: str) -> None:
-    import importlib.util
-
-    missing = [m for m in modules if importlib.util.find_spec(m) is None]
-    if missing:
-        raise ImportError(
-            f"ONNX export needs {', '.join(missing)}: `pip install optimum-odllm[export]` "
-            "(or `pip install onnx onnxscript onnxruntime`)."
-        )

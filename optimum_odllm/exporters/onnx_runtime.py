@@ -12,7 +12,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .common import read_layout
+from .common import read_layout, require_extra
 from .onnx import ONNX_FILE
 from .runner import FlatCacheRunner
 
@@ -22,6 +22,7 @@ class OrtCausalLM(FlatCacheRunner):
 
     def __init__(self, directory: str | Path, num_threads: int | None = None,
                  providers: Sequence[str] = ("CPUExecutionProvider",)):
+        require_extra("export", "Running an ONNX export", "onnxruntime")
         import onnxruntime as ort
 
         directory = Path(directory)

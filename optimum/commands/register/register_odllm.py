@@ -1,4 +1,4 @@
-"""Registers ``optimum-cli odllm compress|evaluate|train`` (optimum scans ``optimum.commands.register``).
+"""Registers ``optimum-cli odllm compress|evaluate|train|export`` (optimum scans ``optimum.commands.register``).
 
 Kept lightweight: optimum imports every register module on each ``optimum-cli`` call, so the argument
 definitions are loaded from ``optimum_odllm/cli_options.py`` (stdlib only) without importing the
@@ -56,11 +56,15 @@ class ODLLMTrainCommand(_ODLLMLeafCommand):
     NAME = "train"
 
 
+class ODLLMExportCommand(_ODLLMLeafCommand):
+    NAME = "export"
+
+
 class ODLLMCommand(BaseOptimumCLICommand):
     COMMAND = CommandInfo(name="odllm", help=_OPTIONS.COMMAND_HELP["odllm"])
     SUBCOMMANDS = tuple(
         CommandInfo(name=cls.NAME, help=_OPTIONS.COMMAND_HELP[cls.NAME], subcommand_class=cls)
-        for cls in (ODLLMCompressCommand, ODLLMEvaluateCommand, ODLLMTrainCommand)
+        for cls in (ODLLMCompressCommand, ODLLMEvaluateCommand, ODLLMTrainCommand, ODLLMExportCommand)
     )
 
     def run(self):  # no subcommand given: usage on stderr and exit status 2, as argparse does for errors

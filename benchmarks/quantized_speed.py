@@ -36,7 +36,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from common import machine_info, markdown_table, write_json  # also puts the repository on sys.path
+from common import ROOT, machine_info, markdown_table, write_json  # also puts the repository on sys.path
 
 from optimum_odllm.lowrank import LowRankLinear, set_submodule  # noqa: E402
 from optimum_odllm.quantization import QuantizedFactor, QuantizedLowRankLinear, quantize_weight  # noqa: E402
@@ -279,8 +279,11 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=16)
     parser.add_argument("--cuda-graphs", action="store_true")
     parser.add_argument("--skip-kernels", action="store_true")
-    parser.add_argument("--out", default="benchmarks/results/quantized_speed_cpu.json")
+    parser.add_argument("--out", default=None, help="JSON file (default: benchmarks/results/quantized_speed_<device>.json "
+                        "in the repository, wherever the script is run from)")
     args = parser.parse_args()
+    if args.out is None:
+        args.out = str(ROOT / "benchmarks" / "results" / f"quantized_speed_{torch.device(args.device).type}.json")
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)

@@ -10,8 +10,8 @@ values), and its low-rank twin with exactly the ranks OD-LLM allocates at ``--ra
 * every timing for the variants of ``--variants``: ``dense``; ``lowrank`` (two GEMMs per projection,
   cuBLAS); ``fused`` (:func:`optimum_odllm.fused.fuse_shared_inputs`: one ``down`` GEMM for q/k/v and
   gate/up, cuBLAS); ``kernels`` (fused, plus the Triton kernels of :mod:`optimum_odllm.kernels` at
-  small token counts: CUDA only);
-* peak memory of each model.
+  small token counts: CUDA only, and only timed on the compiled decode path, the one place they run);
+* peak memory of each model, and (``--profile-compiled``) the top GPU kernels of one compiled ``generate``.
 
 Prints a markdown table and writes JSON. Example (GPU)::
 
@@ -61,6 +61,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--no-compile", action="store_true", help="skip the static-cache + torch.compile decode path")
     p.add_argument("--no-eager-decode", action="store_true", help="only the compiled decode path (split long GPU runs)")
     p.add_argument("--profile", action="store_true", help="profile compiled generate's GPU kernels per variant (CUDA)")
+    p.add_argument("--profile-compiled", action="store_true",
+                   help="after each compiled decode timing, profile one more (already compiled) generate call (CUDA)")
     p.add_argument("--repeat", type=int, default=10)
     p.add_argument("--variants", default="dense,lowrank,fused,kernels", help="dense first; kernels is CUDA only")
     p.add_argument("--out", default="benchmarks/results/speed.json")
@@ -93,8 +95,14 @@ def prefill(model: torch.nn.Module, batch: int, length: int, vocab: int, device:
 
 
 @torch.no_grad()
-def decode_latency(model: torch.nn.Module, batch: int, prompt: int, tokens: int, vocab: int, device: str, compiled: bool, repeat: int) -> float:
-    """Seconds per generated token: (time for N tokens - time for 1 token) / (N - 1)."""
+def decode_latency(
+    model: torch.nn.Module, batch: int, prompt: int, tokens: int, vocab: int, device: str, compiled: bool, repeat: int
+) -> tuple[float, float]:
+    """Seconds per generated token, (time for N tokens - time for 1 token) / (N - 1), and the first call's seconds.
+
+    The first call of the compiled path includes ``torch.compile`` and CUDA-graph recording (what a user waits
+    for once per shape).
+    """
     ids = torch.randint(3, vocab, (batch, prompt), device=device)
     kwargs: dict[str, Any] = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
     if compiled:
@@ -106,17 +114,20 @@ def decode_latency(model: torch.nn.Module, batch: int, prompt: int, tokens: int,
         return model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kwargs)
 
     reps = max(3, repeat // 2)
-    t_n = median_time(lambda: run(tokens), warmup=2, repeat=reps)
+    first = median_time(lambda: run(tokens), warmup=0, repeat=1)
+    t_n = median_time(lambda: run(tokens), warmup=1, repeat=reps)
     t_1 = median_time(lambda: run(1), warmup=1, repeat=reps)
-    return (t_n - t_1) / (tokens - 1)
+    return (t_n - t_1) / (tokens - 1), first
 
 
 @torch.no_grad()
-def profile_decode(model: torch.nn.Module, batch: int, prompt: int, tokens: int, vocab: int, device: str, top: int = 12) -> dict[str, Any]:
+def profile_decode(
+    model: torch.nn.Module, batch: int, prompt: int, tokens: int, vocab: int, device: str, top: int = 12, warm: int = 2
+) -> dict[str, Any]:
     """Where a compiled (static cache) ``generate`` spends GPU time: the top kernels of ``tokens`` steps."""
     ids = torch.randint(3, vocab, (batch, prompt), device=device)
     kwargs: dict[str, Any] = dict(do_sample=False, pad_token_id=0, eos_token_id=None, cache_implementation="static")
-    for _ in range(2):  # compile, record the CUDA graphs
+    for _ in range(warm):  # compile, record the CUDA graphs
         model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, **kwargs)
     torch.cuda.synchronize()
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
@@ -132,6 +143,19 @@ def profile_decode(model: torch.nn.Module, batch: int, prompt: int, tokens: int,
         "batch": batch, "tokens": tokens, "wall_ms": 1e3 * wall, "gpu_kernel_ms": gpu_us / 1e3,
         "top": [{"name": e.key[:90], "calls": e.count, "ms": e.device_time_total / 1e3} for e in events[:top]],
     }
+
+
+def profile_after_timing(results: dict[str, Any], model: torch.nn.Module, on: bool, label: str, batch: int, args: argparse.Namespace) -> None:
+    """Profile one more compiled ``generate`` (same shapes: no recompile) into ``results["profile"]``; never raises."""
+    try:
+        with kernels_enabled(on):
+            prof = profile_decode(model, batch, args.decode_prompt, args.decode_tokens, args.vocab, args.device, top=15, warm=0)
+    except Exception as err:  # a profiler failure must not cost the timings
+        prof = {"batch": batch, "error": f"{type(err).__name__}: {str(err)[:300]}"}
+    results.setdefault("profile", []).append({"variant": label, **prof})
+    print("profile", label, batch, {k: v for k, v in prof.items() if k != "top"})
+    for item in prof.get("top", []):
+        print(f"   {item['ms']:9.3f} ms {item['calls']:6d}x {item['name']}")
 
 
 def peak_memory_reset(device: str) -> None:
@@ -209,6 +233,8 @@ def main() -> None:
         batch, length = (int(v) for v in spec.split("x"))
         row: dict[str, Any] = {"batch": batch, "length": length}
         for label, model, on in variants:
+            if on:
+                continue  # eager: the kernels apply only inside torch.compile / CUDA graphs, so this is ``fused``
             peak_memory_reset(device)
             with kernels_enabled(on):
                 row[f"{label}_ms"] = 1e3 * prefill(model, batch, length, args.vocab, device, args.repeat)
@@ -235,22 +261,30 @@ def main() -> None:
     for compiled in modes:
         for batch in [int(b) for b in args.decode_batches.split(",") if b]:
             row = {"batch": batch, "mode": "static+compile" if compiled else "eager"}
+            results["decode"].append(row)  # written after every variant: a run cut short keeps what it measured
             for label, model, on in variants:
+                if on and not compiled:
+                    continue  # eager: the kernels apply only inside torch.compile / CUDA graphs, so this is ``fused``
                 try:
+                    if compiled:
+                        torch._dynamo.reset()  # one fresh compile per variant (the recompile limit is per code object)
                     peak_memory_reset(device)
                     with kernels_enabled(on):
-                        row[f"{label}_ms_per_token"] = 1e3 * decode_latency(
+                        per_token, first = decode_latency(
                             model, batch, args.decode_prompt, args.decode_tokens, args.vocab, device, compiled, args.repeat
                         )
-                    row[f"{label}_peak_gib"] = peak_memory(device)
+                        row[f"{label}_ms_per_token"] = 1e3 * per_token
+                        row[f"{label}_first_call_s"] = first
+                        row[f"{label}_peak_gib"] = peak_memory(device)
+                    if compiled and args.profile_compiled:
+                        profile_after_timing(results, model, on, label, batch, args)
                 except Exception as err:  # report, don't hide: the table shows the failure
                     row[f"{label}_error"] = f"{type(err).__name__}: {str(err)[:300]}"
                     print(f"decode {label} failed: {row[f'{label}_error']}")
                 gc.collect()
-            add_speedups(row, labels, "ms_per_token")
-            results["decode"].append(row)
-            print("decode", row)
-            write_json(args.out, results)
+                add_speedups(row, labels, "ms_per_token")
+                print("decode", row)
+                write_json(args.out, results)
 
     speedups = [f"speedup_{label}" for label in labels[1:]]
     print()

@@ -223,23 +223,28 @@ class LayerCheckpointer:
     def restore(
         self,
         state: ResumeState,
-        expected_shapes: dict[str, tuple[tuple[int, int], tuple[int, int]]],
-        install: Callable[[str, torch.Tensor, torch.Tensor], None],
+        expected_shapes: dict[str, dict[str, tuple[int, ...]]],
+        install: Callable[[str, dict[str, torch.Tensor]], None],
     ) -> int:
         """Hand the checkpointed factors of layers ``0..completed-1`` to ``install``; return the next layer.
 
-        ``expected_shapes`` maps every module those layers should have factorized to its
-        ``(up shape, down shape)``; anything else in the checkpoint is refused.
+        ``expected_shapes`` maps every module those layers should have factorized to ``{key suffix: shape}``
+        (``{"up.weight": (out, r), "down.weight": (r, in)}``, or the quantized buffers); anything else in the
+        checkpoint is refused. ``install(name, {suffix: tensor})`` puts one module back.
         """
         saved = {key.rsplit(".", 2)[0] for key in state.factors}
         if saved != set(expected_shapes):
             odd = sorted(saved ^ set(expected_shapes))
             raise self.fail(f"its factors do not match the modules to compress (e.g. {odd[:3]})")
         for name in sorted(expected_shapes):
-            up, down = state.factors.get(name + ".up.weight"), state.factors.get(name + ".down.weight")
-            if up is None or down is None or (tuple(up.shape), tuple(down.shape)) != expected_shapes[name]:
+            tensors = {suffix: state.factors.get(f"{name}.{suffix}") for suffix in expected_shapes[name]}
+            stored = {key for key in state.factors if key.rsplit(".", 2)[0] == name}
+            if (
+                stored != {f"{name}.{suffix}" for suffix in tensors}
+                or any(t is None or tuple(t.shape) != expected_shapes[name][s] for s, t in tensors.items())
+            ):
                 raise self.fail(f"the factors of {name} are missing or have the wrong shape")
-            install(name, up, down)
+            install(name, tensors)
         return state.completed_layers
 
     def save_layer(

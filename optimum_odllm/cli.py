@@ -1,4 +1,4 @@
-"""``optimum-cli odllm compress|evaluate|train`` (and the ``optimum-odllm`` console-script fallback).
+"""``optimum-cli odllm compress|evaluate|train|export`` (and the ``optimum-odllm`` console-script fallback).
 
 Argument definitions live in :mod:`optimum_odllm.cli_options` (stdlib only, so ``optimum-cli`` stays
 fast); this module does the work and is imported only when a command runs.
@@ -18,6 +18,7 @@ from typing import Any, Sequence
 from transformers.utils import logging
 
 from .cli_options import build_parser
+from .exporters.cli import run_export
 
 
 logger = logging.get_logger("optimum_odllm.cli")
@@ -213,12 +214,14 @@ def run_compress(args: argparse.Namespace) -> Path:
 
 # ---------------------------------------------------------------------------------------------- evaluate
 def format_metrics_table(results: dict[str, dict[str, float]]) -> str:
-    """Markdown table: one row per model/dataset, HR@K/NDCG@K columns."""
+    """Markdown table: one row per model/dataset, HR@K/NDCG@K columns (``value ± standard error`` when known)."""
     metrics = [m for m in METRIC_ORDER if any(m in r for r in results.values())]
-    metrics += sorted({m for r in results.values() for m in r if m not in metrics and m != "users"})
+    metrics += sorted({m for r in results.values() for m in r
+                       if m not in metrics and m != "users" and not m.endswith("_se")})
     lines = ["| model | users | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
     for name, r in results.items():
-        cells = [f"{r[m]:.4f}" if m in r else "-" for m in metrics]
+        cells = [("-" if m not in r else f"{r[m]:.4f}" + (f" ± {r[m + '_se']:.4f}" if m + "_se" in r else ""))
+                 for m in metrics]
         lines.append(f"| {name} | {r.get('users', '')} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -230,11 +233,18 @@ def _device(requested: str | None):
 
 
 def run_evaluate(args: argparse.Namespace) -> dict[str, float]:
+    """Rank the test (or valid) users and print HR@K/NDCG@K with standard errors.
+
+    Under ``accelerate launch`` every process loads the model on its own device, ranks a share of the users,
+    and the per-user values are gathered (:mod:`optimum_odllm.recsys.distributed`), so the metrics equal a
+    one-process run exactly; only the main process prints and writes files.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import optimum_odllm  # noqa: F401  (registers the odllm loader)
 
     from .recsys import PACKED_SEQREC_TEMPLATE, SEQREC_TEMPLATES, evaluate_recommender
+    from .recsys.distributed import is_main_process, launched_state
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     data, split, _, encoder = _recsys_context(args.model, tokenizer, args)
@@ -243,22 +253,39 @@ def run_evaluate(args: argparse.Namespace) -> dict[str, float]:
         examples = examples[: args.max_users]
     if not examples:
         raise CLIError(f"{data.name} has no {args.split} users (every user needs >= 3 interactions).")
-    model = AutoModelForCausalLM.from_pretrained(args.model).to(_device(args.device))
+    state = launched_state()
+    device = state.device if state is not None else _device(args.device)
+    model = AutoModelForCausalLM.from_pretrained(args.model).to(device)
     template = PACKED_SEQREC_TEMPLATE if args.template == "packed" else SEQREC_TEMPLATES[0]
-    metrics = evaluate_recommender(model, encoder, examples, template, num_beams=args.beams, batch_size=args.batch_size)
-    print(format_metrics_table({f"{args.model} on {data.name} ({args.split})": {**metrics, "users": len(examples)}}))
+    metrics = evaluate_recommender(model, encoder, examples, template, num_beams=args.beams, batch_size=args.batch_size,
+                                   progress=is_main_process(), train=split.train,
+                                   exclude_history=args.exclude_history, with_stderr=True)
+    processes = 1 if state is None else state.num_processes
+    if not is_main_process():
+        return metrics
+    masked = "seen items excluded" if _history_excluded(split.train, args.exclude_history) else "seen items allowed"
+    print(format_metrics_table({f"{args.model} on {data.name} ({args.split}, {masked})": {**metrics, "users": len(examples)}}))
     if args.output_json:
         Path(args.output_json).write_text(json.dumps({"model": args.model, "dataset": data.name, "split": args.split,
-                                                       "users": len(examples), **metrics}, indent=2))
+                                                       "users": len(examples), "processes": processes,
+                                                       "history_excluded": masked == "seen items excluded",
+                                                       **metrics}, indent=2))
     if args.update_card:
         card = Path(args.model) / "README.md"
         if not card.is_file():
             raise CLIError(f"--update-card needs a local model directory with a README.md; {card} does not exist.")
         from .modelcard import update_card_eval_results
 
-        update_card_eval_results(card, {data.name: {k: v for k, v in metrics.items() if "@" in k}}, split=args.split)
+        update_card_eval_results(card, {data.name: {k: v for k, v in metrics.items() if "@" in k and not k.endswith("_se")}},
+                                 split=args.split)
         print(f"Updated the model-index of {card}")
     return metrics
+
+
+def _history_excluded(train: Any, exclude_history: bool | None) -> bool:
+    from .recsys.history import history_exclusions
+
+    return history_exclusions(train, [], exclude_history) is not None
 
 
 # ---------------------------------------------------------------------------------------------- train
@@ -369,7 +396,7 @@ def _mean_loss(model, tokenizer, sequences: list[list[int]]) -> float:
     return loss
 
 
-COMMANDS = {"compress": run_compress, "evaluate": run_evaluate, "train": run_train}
+COMMANDS = {"compress": run_compress, "evaluate": run_evaluate, "train": run_train, "export": run_export}
 
 
 def run_command(name: str, args: argparse.Namespace) -> Any:

@@ -10,17 +10,23 @@ from __future__ import annotations
 import argparse
 
 try:
+    from .exporters.cli import EXPORT_HELP, add_export_arguments
     from .settings import SETTINGS
 except ImportError:  # executed standalone by optimum-cli's register module (the package is not imported)
     import importlib.util as _util
     import sys as _sys
     from pathlib import Path as _Path
 
-    _spec = _util.spec_from_file_location("_optimum_odllm_settings", _Path(__file__).with_name("settings.py"))
-    _settings = _util.module_from_spec(_spec)
-    _sys.modules[_spec.name] = _settings  # dataclasses resolve the module by name
-    _spec.loader.exec_module(_settings)
-    SETTINGS = _settings.SETTINGS
+    def _load(name: str, relative: str):
+        spec = _util.spec_from_file_location(name, _Path(__file__).parent / relative)
+        module = _util.module_from_spec(spec)
+        _sys.modules[name] = module  # dataclasses resolve the module by name
+        spec.loader.exec_module(module)
+        return module
+
+    SETTINGS = _load("_optimum_odllm_settings", "settings.py").SETTINGS
+    _export_cli = _load("_optimum_odllm_export_cli", "exporters/cli.py")
+    EXPORT_HELP, add_export_arguments = _export_cli.EXPORT_HELP, _export_cli.add_export_arguments
 
 COMMAND_HELP = {
     "odllm": "OD-LLM: compress, evaluate and train LLM-based sequential recommenders (optimum-odllm).",
@@ -28,6 +34,7 @@ COMMAND_HELP = {
     "evaluate": "Evaluate a (compressed) recommender: HR@1/5/10 and NDCG@5/10 with constrained beam search.",
     "train": "Train a recommender, or recovery-fine-tune a compressed one (full factors or LoRA), optionally "
     "compressing at the end.",
+    "export": EXPORT_HELP,
 }
 
 DATASET_HELP = (
@@ -79,7 +86,8 @@ def add_setting_arguments(parser: argparse.ArgumentParser) -> None:
             group.add_argument(*flags, dest=setting.name, nargs="+", default=setting.default, metavar="NAME", help=help_text)
         elif setting.kind == "choice":
             choices = [c for c in setting.choices if c is not None]
-            group.add_argument(*flags, dest=setting.name, choices=choices, default=setting.default, help=help_text)
+            group.add_argument(*flags, dest=setting.name, choices=choices, type=type(choices[0]),
+                               default=setting.default, help=help_text)
         else:
             kind = {"fraction": float, "damping": float, "int": int}.get(setting.kind, str)
             group.add_argument(*flags, dest=setting.name, type=kind, default=setting.default, help=help_text)
@@ -134,6 +142,11 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-users", type=int, default=None, help="evaluate only the first N users (quick checks).")
     parser.add_argument("--beams", type=int, default=20, help="constrained beam-search width = ranking length (default: 20).")
     parser.add_argument("--batch-size", type=int, default=32, help="prompts per beam-search batch (default: 32).")
+    parser.add_argument(
+        "--exclude-history", action=argparse.BooleanOptionalAction, default=None,
+        help="exclude each user's already-seen items inside the beam search (default: on when no user has a "
+             "repeated item, as on MovieLens; --no-exclude-history gives the unmasked numbers).",
+    )
     parser.add_argument(
         "--template", choices=["packed", "seqrec"], default="packed",
         help="prompt format the model was trained with: 'packed' (history : <items>, this package's offline "
@@ -190,7 +203,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     _add_hub_arguments(parser)
 
 
-ADDERS = {"compress": add_compress_arguments, "evaluate": add_evaluate_arguments, "train": add_train_arguments}
+ADDERS = {"compress": add_compress_arguments, "evaluate": add_evaluate_arguments, "train": add_train_arguments,
+          "export": add_export_arguments}
 
 
 def build_parser(prog: str = "optimum-odllm") -> argparse.ArgumentParser:

@@ -308,31 +308,19 @@ class ODLLMCompressor(OptimumQuantizer):
         self.compress(calibration_dataset, device=device, checkpoint_dir=checkpoint_dir, resume=resume and checkpoint)
         return self.save_pretrained(save_dir, **kwargs)
 
-    def push_to_hub(
-        self,
-        repo_id: str,
-        *,
-        private: bool | None = None,
-        revision: str | None = None,
-        token: str | bool | None = None,
-        commit_message: str | None = None,
-        create_pr: bool = False,
-        eval_results: Any = None,
-        **save_kwargs: Any,
-    ) -> Any:
+    def push_to_hub(self, repo_id: str, **push_kwargs: Any) -> Any:
         """Upload model, tokenizer, artifacts and model card to ``repo_id`` in one commit.
 
-        See :func:`optimum_odllm.hub.push_result_to_hub` (returns its ``CommitInfo``).
+        Keyword arguments are those of :func:`optimum_odllm.hub.push_result_to_hub` (``private``,
+        ``revision``, ``token``, ``commit_message``, ``create_pr``, ``eval_results`` and save options);
+        returns its ``CommitInfo``.
         """
         if not self.config.is_compressed:
             raise RuntimeError(
                 "Nothing to push yet: call compressor.compress(calibration_data) first "
                 "(or push an already compressed model with model.push_to_hub(repo_id))."
             )
-        return push_result_to_hub(
-            self.result, repo_id, private=private, revision=revision, token=token, commit_message=commit_message,
-            create_pr=create_pr, eval_results=eval_results, **save_kwargs,
-        )
+        return push_result_to_hub(self.result, repo_id, **push_kwargs)
 
 
 def _default_device(model: nn.Module) -> torch.device:

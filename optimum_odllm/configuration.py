@@ -109,8 +109,21 @@ class ODLLMConfig(QuantizationConfigMixin):
                 raise ValueError(f"{setting.name} must be a list of module-name suffixes (non-empty strings), got {value!r}")
             elif kind == "name" and value is not None and (not isinstance(value, str) or not value):
                 raise ValueError(f"{setting.name} must be a non-empty string, got {value!r}")
+        if self.factor_bits is not None and not _is_int(self.factor_bits):
+            raise ValueError(f"factor_bits must be None, 8 or 4, got {self.factor_bits!r}")
+        if self.factor_group_size % 2:
+            raise ValueError(
+                f"factor_group_size must be even (two int4 codes share a byte), got {self.factor_group_size}; "
+                "128 is the default and 32/64/128/256 run on the integer kernels."
+            )
         if self.alignment not in ALIGNMENTS:
             raise ValueError(f"alignment must be one of the registered variants {sorted(ALIGNMENTS)}, got {self.alignment!r}")
+        if self.progressive and self.alignment_damping == 0 and not self.allow_undamped_alignment:
+            raise ValueError(
+                "alignment_damping=0 with progressive=True is exact least squares, which can blow up on scarce or "
+                "rank-deficient calibration data (docs/alignment.md). Use alignment_damping=0.01 (the default), "
+                "or progressive=False, or pass allow_undamped_alignment=True (--allow-undamped-alignment) to run it anyway."
+            )
         if not isinstance(self.ranks, dict):
             raise ValueError(f"ranks must be a dict {{module_name: rank}}, got {type(self.ranks).__name__}")
         for module, rank in self.ranks.items():

@@ -2,8 +2,9 @@
 
 Registered under ``quant_method="odllm"`` when ``optimum_odllm`` is imported, so the standard
 ``AutoModelForCausalLM.from_pretrained(path)`` reads ``quantization_config`` from config.json, swaps
-the factorized ``nn.Linear`` modules for :class:`LowRankLinear` on the meta device, and then loads
-the ``up``/``down`` factors from safetensors like any other weights.
+the factorized ``nn.Linear`` modules for :class:`LowRankLinear` on the meta device (or, with
+``factor_bits``, for :class:`~optimum_odllm.quantization.QuantizedLowRankLinear`), and then loads
+the ``up``/``down`` factors (or their integer codes, scales and zeros) from safetensors like any other weights.
 
 Loading *without* ``import optimum_odllm`` must never give a model with random projections. transformers
 skips an unknown ``quant_method`` with a warning, builds plain ``nn.Linear`` layers and would initialize
@@ -28,6 +29,7 @@ from transformers.quantizers.base import HfQuantizer
 from .configuration import QUANT_METHOD, ODLLMConfig
 from .linalg import check_finite
 from .lowrank import LowRankLinear, merge_lowrank, replace_with_lowrank_linear
+from .quantization import QuantizedLowRankLinear, dequantize_model, replace_with_quantized_lowrank
 from .saving import STAGING_PREFIX
 
 
@@ -70,6 +72,9 @@ class ODLLMHfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model: "PreTrainedModel", **kwargs: Any) -> "PreTrainedModel":
         _refuse_staging_directory(kwargs.get("checkpoint_files"))
         model = replace_with_lowrank_linear(model, self.quantization_config.ranks)
+        if self.quantization_config.factor_bits is not None:
+            config = self.quantization_config
+            model = replace_with_quantized_lowrank(model, config.factor_bits, config.factor_group_size)
         ignored = {re.escape(key) + "$" for key in guard_keys(self.quantization_config.ranks)} | {re.escape(NOTE_KEY)}
         model._keys_to_ignore_on_load_unexpected = set(model._keys_to_ignore_on_load_unexpected or ()) | ignored
         # transformers only *warns* about missing/unexpected keys (and re-initializes missing factors
@@ -79,21 +84,21 @@ class ODLLMHfQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model: "PreTrainedModel", **kwargs: Any) -> "PreTrainedModel":
         for name, module in model.named_modules():
-            if isinstance(module, LowRankLinear):
-                for part in ("down", "up"):
-                    weight = getattr(module, part).weight
-                    if weight.device.type != "meta":
-                        check_finite(weight, f"loaded factor {name}.{part}.weight")
+            if isinstance(module, (LowRankLinear, QuantizedLowRankLinear)):
+                for key, tensor in module.state_dict().items():
+                    if tensor.is_floating_point() and tensor.device.type != "meta":
+                        check_finite(tensor, f"loaded factor {name}.{key}")
         return model
 
     @property
     def is_trainable(self) -> bool:
-        # The factors are ordinary float nn.Linear weights: full fine-tuning and LoRA both work.
-        return True
+        # Float factors are ordinary nn.Linear weights: full fine-tuning and LoRA both work. Integer factors
+        # (factor_bits) are buffers without gradients: dequantize_model(model) first.
+        return self.quantization_config.factor_bits is None
 
     @property
     def is_qat_trainable(self) -> bool:
-        return True
+        return self.is_trainable
 
     @property
     def is_compileable(self) -> bool:
@@ -126,6 +131,11 @@ class ODLLMHfQuantizer(HfQuantizer):
         Called by transformers' ``model.dequantize()``, which then drops ``quantization_config`` so that
         ``save_pretrained`` writes a plain dense checkpoint any transformers install can load.
         """
+        quantized = {n for n, m in model.named_modules() if isinstance(m, QuantizedLowRankLinear)}
+        if quantized and dtype is None:  # the merged weight takes the dtype of the rest of the model
+            dtype = next((p.dtype for n, p in model.named_parameters() if p.is_floating_point()
+                          and not any(n.startswith(q + ".") for q in quantized)), torch.float32)
+        model = dequantize_model(model, torch.float32)  # integer codes -> exact float32 factors
         merged = [name for name, module in model.named_modules() if isinstance(module, LowRankLinear)]
         model = merge_lowrank(model)
         if dtype is not None:
@@ -134,7 +144,10 @@ class ODLLMHfQuantizer(HfQuantizer):
         return model
 
 
-_FACTOR_KEY = re.compile(r"^(?P<module>.+)\.(?:down\.weight|up\.weight|up\.bias)$")
+_FACTOR_KEY = re.compile(r"^(?P<module>.+)\.(?:down|up)\.(?:weight|bias|qweight|scales|zeros)$")
+#: safetensors header dtype names of the integer code tensors (their dtype must match exactly: a cast would
+#: silently change the codes).
+_INTEGER_DTYPES = {torch.int8: "I8", torch.uint8: "U8"}
 
 
 def check_checkpoint_factors(model: "torch.nn.Module", ranks: dict[str, int], checkpoint_files: Any) -> None:
@@ -153,31 +166,32 @@ def check_checkpoint_factors(model: "torch.nn.Module", ranks: dict[str, int], ch
             "Re-save the model with save_pretrained (safetensors is the default)."
         )
     shapes: dict[str, tuple[int, ...]] = {}
+    dtypes: dict[str, str] = {}
     for file in files:
         with safe_open(file, framework="pt") as handle:
             for key in handle.keys():
                 shapes[key] = tuple(handle.get_slice(key).get_shape())
+                dtypes[key] = handle.get_slice(key).get_dtype()
     problems: list[str] = []
     for name, rank in ranks.items():
-        module = model.get_submodule(name)
-        expected = {
-            f"{name}.down.weight": (rank, module.in_features),
-            f"{name}.up.weight": (module.out_features, rank),
-        }
-        if module.up.bias is not None:
-            expected[f"{name}.up.bias"] = (module.out_features,)
+        # The skeleton built from the config says what must be there (float or quantized factors).
+        skeleton = model.get_submodule(name).state_dict()
+        expected = {f"{name}.{key}": tuple(t.shape) for key, t in skeleton.items()}
         for key, shape in expected.items():
+            wanted = _INTEGER_DTYPES.get(skeleton[key[len(name) + 1:]].dtype)
             if key not in shapes:
                 problems.append(f"module '{name}': factor '{key}' is missing from the checkpoint")
             elif shapes[key] != shape:
                 problems.append(
                     f"module '{name}': '{key}' has shape {list(shapes[key])}, expected {list(shape)} (rank {rank})"
                 )
+            elif wanted is not None and dtypes[key] != wanted:
+                problems.append(f"module '{name}': '{key}' has dtype {dtypes[key]}, expected {wanted} (integer codes)")
         guard = name + GUARD_SUFFIX
         for key in shapes:
             if key.startswith(name + ".") and key not in expected and not (key == guard and shapes[key] == (0,)):
                 problems.append(f"module '{name}': unexpected tensor '{key}' (a factorized module has only up/down)")
-    own = {key for key, _ in model.named_parameters()}
+    own = {key for key, _ in model.named_parameters()} | {key for key, _ in model.named_buffers()}
     for key in shapes:
         match = _FACTOR_KEY.match(key)
         if match and match.group("module") not in ranks and key not in own:

@@ -40,9 +40,12 @@ class LowRankLinear(nn.Module):
         group = self.__dict__.get("_odllm_group")
         if group is not None:  # set by optimum_odllm.fused: siblings share one down GEMM
             return group(self, x)
-        if not (_is_plain_linear(self.down) and _is_plain_linear(self.up)):
-            return self.up(self.down(x))  # adapters (peft) or hooks on a factor: keep module calls
-        return lowrank_outputs(x, self.down.weight, [self.up.weight], [self.up.bias])[0]
+        down, up = self._modules["down"], self._modules["up"]  # not nn.Module.__getattr__: eager decode pays per call
+        if not (_is_plain_linear(down) and _is_plain_linear(up)):
+            return up(down(x))  # adapters (peft) or hooks on a factor: keep module calls
+        if not x.is_cuda:  # the Triton kernels are CUDA-only: two plain GEMMs, nothing to decide
+            return F.linear(F.linear(x, down.weight), up.weight, up.bias)
+        return lowrank_outputs(x, down.weight, [up.weight], [up.bias])[0]
 
     @property
     def weight(self) -> torch.Tensor:

@@ -18,6 +18,7 @@ from typing import Any, Mapping, Sequence
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from transformers.utils import logging
 
+from .quantization import QuantizedFactor
 from .result import CompressionResult
 from .settings import SETTINGS
 from .utils import parameter_bytes
@@ -228,11 +229,17 @@ def build_model_card(
 
     params_before = report.params_before if report else None
     params_after = report.params_after if report else None
-    bytes_after = parameter_bytes(result.model)
+    float_bytes, factor_bytes, factor_weights = parameter_bytes(result.model), 0, 0
+    for module in result.model.modules():
+        if isinstance(module, QuantizedFactor):
+            factor_bytes += sum(b.numel() * b.element_size() for b in module.buffers(recurse=False))
+            factor_weights += module.stored_weights
+    bytes_after = float_bytes + factor_bytes
     bytes_before = None
     if params_before is not None and params_after is not None:
         itemsize = next(result.model.parameters()).element_size()
-        bytes_before = bytes_after + (params_before - params_after) * itemsize
+        # what the float parameters would weigh without compression (integer factors replaced by dense weights)
+        bytes_before = float_bytes + (params_before - (params_after - factor_weights)) * itemsize
 
     dense: dict[str, tuple[int, int]] = {}
     if report:
@@ -256,6 +263,7 @@ def build_model_card(
         whitening="yes" if config.whitening else "no",
         progressive="yes" if config.progressive else "no",
         rank_multiple=config.rank_multiple,
+        factor_storage=factor_storage(config, factor_weights, factor_bytes),
         calibration_source=calib_source,
         num_calibration_samples=report.num_calibration_samples if report else "n/a",
         num_calibration_tokens=report.num_calibration_tokens if report else "n/a",
@@ -272,6 +280,18 @@ def build_model_card(
         settings_table=settings_markdown(config),
     )
     return card
+
+
+def factor_storage(config: Any, weights: int = 0, stored_bytes: int = 0) -> str:
+    """How the factors are stored, e.g. ``int4 (group size 128, GPTQ), 4.25 bits per weight``."""
+    bits = getattr(config, "factor_bits", None)
+    if bits is None:
+        return "floating point (the model's dtype)"
+    grid = "per output channel" if bits == 8 else f"group size {config.factor_group_size}"
+    text = f"int{bits} ({grid}, {config.factor_quantizer.upper()})"
+    if weights:
+        text += f", {8 * stored_bytes / weights:.2f} bits per weight with scales/zeros"
+    return text
 
 
 def settings_markdown(config: Any) -> str:

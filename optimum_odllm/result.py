@@ -26,6 +26,8 @@ class ModuleReport:
     truncation_loss: float = 0.0
     relative_loss: float = 0.0
     jitter: float = 0.0
+    factor_bits: int | None = None  # 8 / 4 when the factors are stored as integers
+    quantization_loss: float = 0.0  # output energy the rounding costs, relative to the float factors'
 
     @classmethod
     def solved(cls, name: str, shape: tuple[int, int], rank: int, singular_values: torch.Tensor, jitter: float) -> "ModuleReport":

@@ -50,13 +50,25 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("progressive", True, "progressive layer-wise alignment: statistics from the compressed prefix and a "
             "closed-form update of the factors (--no-progressive is the one-shot ablation)", "bool"),
     Setting("alignment", "least_squares", "progressive update variant, a name registered in "
-            "optimum_odllm.solvers (least_squares: re-solve the whole weight from drifted inputs)", "name"),
+            "optimum_odllm.solvers: least_squares (re-solve the whole weight from drifted inputs), anchored, "
+            "drift_whitening, up_only; docs/alignment.md compares them", "name"),
     Setting("alignment_damping", 0.01, "ridge term of the progressive least squares, as a fraction of the mean "
-            "input variance (GPTQ-style damping; 0 = exact least squares)", "damping"),
+            "input variance (GPTQ-style damping toward the original weight; enters the solve, never the "
+            "truncation metric; 0 needs --allow-undamped-alignment)", "damping"),
+    Setting("allow_undamped_alignment", False, "accept alignment_damping=0 with progressive alignment (exact "
+            "least squares, which can blow up on scarce or rank-deficient calibration data; docs/alignment.md)", "bool"),
     Setting("solver_dtype", "float64", "dtype of the Cholesky, least-squares and SVD solves (float32 is much faster "
             "on GPUs)", "choice", choices=("float64", "float32")),
     Setting("svd_driver", None, "torch.linalg.svd driver on CUDA (gesvda is ~10x faster than the default at "
             "4096x4096); ignored on CPU", "choice", choices=(None, "gesvd", "gesvdj", "gesvda")),
+    Setting("factor_bits", None, "store the up/down factors as 8-bit (per output channel) or 4-bit (group-wise) "
+            "integers after the solve, with error compensation from the covariances already collected; "
+            "none keeps float factors", "choice", choices=(None, 8, 4)),
+    Setting("factor_group_size", 128, "int4 factors: input columns sharing one scale/zero (halved until it "
+            "divides a factor's width; 32/64/128/256 use the integer kernels)", "int"),
+    Setting("factor_quantizer", "gptq", "how factors are rounded with factor_bits: gptq (error compensation "
+            "weighted by the input covariance) or rtn (plain rounding, the ablation)", "choice",
+            choices=("gptq", "rtn")),
 )
 
 SETTING_NAMES: tuple[str, ...] = tuple(s.name for s in SETTINGS)

@@ -25,13 +25,19 @@ from transformers.utils import logging
 from .compressor import ODLLMCompressor
 from .configuration import ODLLMConfig
 from .lowrank import LowRankLinear
+from .quantization import refuse_lora_on_quantized
 
 
 logger = logging.get_logger(__name__)
 
 
 def lowrank_modules(model: nn.Module) -> dict[str, LowRankLinear]:
-    """Every :class:`LowRankLinear` of ``model`` by full name (peft wrappers included)."""
+    """Every :class:`LowRankLinear` of ``model`` by full name (peft wrappers included).
+
+    Where every recovery path starts, so a model with integer factors (``factor_bits``) is refused here with
+    the way out (:func:`~optimum_odllm.quantization.dequantize_model`), never trained as if it were dense.
+    """
+    refuse_lora_on_quantized(model)
     return {name: module for name, module in model.named_modules() if isinstance(module, LowRankLinear)}
 
 

@@ -17,8 +17,10 @@ def _unique_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
 
 
 def count_parameters(model: nn.Module) -> int:
-    """Number of distinct parameters (tied weights counted once)."""
-    return sum(p.numel() for p in _unique_parameters(model))
+    """Number of distinct parameters (tied weights counted once); integer-quantized factors
+    (:class:`~optimum_odllm.quantization.QuantizedFactor`, whose codes are buffers) count the weights they store."""
+    stored = sum(getattr(m, "stored_weights", 0) for m in model.modules())
+    return sum(p.numel() for p in _unique_parameters(model)) + stored
 
 
 def parameter_bytes(model: nn.Module) -> int:

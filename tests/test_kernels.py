@@ -120,7 +120,7 @@ def test_compiled_fused_model_runs_the_kernels_and_matches_the_plain_model():
     model = llama()
     fused = copy.deepcopy(model)
     fuse_shared_inputs(fused)
-    step = torch.randint(0, 1000, (2, 1), device="cuda")
+    step = torch.randint(0, 1000, (max(1, kernels.MAX_KERNEL_TOKENS), 1), device="cuda")  # tokens the kernels take
     original = torch.ops.odllm.lowrank_down.default
 
     with torch.no_grad():

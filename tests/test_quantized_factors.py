@@ -292,3 +292,14 @@ def test_int4_group_halves_for_ranks_not_divisible_by_group():
     skeleton.load_state_dict(module.state_dict(), assign=True)
     x = torch.randn(2, 256)
     assert torch.equal(skeleton(x), module(x))
+
+
+@pytest.mark.parametrize("in_features", [24, 40])
+def test_int8_cpu_kernel_is_not_used_where_it_crashes(in_features):
+    # aten._weight_int8pack_mm segfaults on CPU for in_features % 16 != 0 with 2+ tokens (torch 2.13)
+    w = random_weight(64, in_features, 13)
+    factor = QuantizedFactor.from_quantized(quantize_weight(w, None, 8, method="rtn"))
+    assert factor.kernel == "dequantized"
+    x = torch.randn(4, in_features)
+    ref = x.double() @ factor.dequantized_weight(torch.float64).T
+    assert ((factor(x).double() - ref).abs() <= kernel_tolerance(x, factor.dequantized_weight()) + 2**-7).all()

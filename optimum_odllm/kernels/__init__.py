@@ -6,7 +6,11 @@ in inference, inside ``torch.compile`` or a CUDA-graph capture; plain ``F.linear
 Eager mode stays on ``F.linear`` because it is bound by per-launch CPU cost, and a Triton launch
 through a custom op costs more CPU time than a cuBLAS call (measured: H100 eager decode at batch 1
 went from 35 to 87 ms per token with the kernels on). ``ODLLM_KERNELS=0`` turns the kernels off;
-``ODLLM_KERNEL_MAX_TOKENS`` moves the token crossover (see ``benchmarks/kernels_roofline.py``).
+``ODLLM_KERNEL_MAX_TOKENS`` moves the token limit. It is 1 by default (decode at batch 1, the on-device
+case): on the H200 (benchmarks/README.md, 2026-12-02) the kernels made compiled batch-1 decode of the
+Llama-7B shape 1.13x faster than dense where cuBLAS factors gave 0.85-0.91x, but compiled batch-32 decode
+(32 tokens) 0.70x where cuBLAS factors gave 0.99x, although each kernel alone beat cuBLAS at 32 tokens in
+``benchmarks/kernels_roofline.py``; until that is understood, more tokens stay on cuBLAS.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import torch
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None and torch.cuda.is_available()
 MAX_GROUPS = 3  # up factors one grouped_up launch takes (q/k/v)
-MAX_KERNEL_TOKENS = int(os.environ.get("ODLLM_KERNEL_MAX_TOKENS", "64"))
+MAX_KERNEL_TOKENS = int(os.environ.get("ODLLM_KERNEL_MAX_TOKENS", "1"))
 ENABLED = os.environ.get("ODLLM_KERNELS", "1") != "0"
 _SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
 

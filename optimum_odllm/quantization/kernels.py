@@ -76,12 +76,17 @@ def _int4_scale_zeros(scales: torch.Tensor, zeros: torch.Tensor, dtype: torch.dt
     return torch.stack([scales.t(), zeros.t()], dim=-1).to(dtype).contiguous()
 
 
+CPU_INT8_K_MULTIPLE = 16
+
+
 def _kernel_for(bits: int, out_features: int, in_features: int, group_size: int | None,
                 device: torch.device) -> str:
     if device.type not in ("cpu", "cuda"):
         return "dequantized"
     if bits == 8:
-        return "aten_int8"
+        # CPU: aten's int8 kernel segfaults for in_features not a multiple of 16 with 2+ tokens (torch 2.13,
+        # measured: K = 8, 12, 24, 40); such factors (tiny ranks) take the dequantized path.
+        return "aten_int8" if device.type == "cuda" or in_features % CPU_INT8_K_MULTIPLE == 0 else "dequantized"
     if device.type == "cpu" and group_size in CPU_INT4_GROUPS and out_features % 16 == 0:
         return "aten_int4_cpu"
     if (device.type == "cuda" and group_size in CPU_INT4_GROUPS and out_features % 8 == 0

@@ -9,7 +9,7 @@ are not part of the state dict (see ``kernels.py``).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -87,6 +87,11 @@ class QuantizedFactor(nn.Module):
         return entry
 
     @property
+    def stored_weights(self) -> int:
+        """Weights this factor stands for (``out * in``): what ``count_parameters`` counts for it."""
+        return self.in_features * self.out_features
+
+    @property
     def kernel(self) -> str:
         """Name of the kernel a float32 input on this module's device would use now."""
         return self.prepared(self.qweight.device, torch.float32).kernel
@@ -122,25 +127,45 @@ class QuantizedLowRankLinear(nn.Module):
         return self.up.bias
 
     @classmethod
-    def from_lowrank(
+    def from_factors(
         cls,
-        module: LowRankLinear,
+        up: torch.Tensor,
+        down: torch.Tensor,
+        bias: torch.Tensor | None,
         covariance: torch.Tensor | None,
         bits: Literal[8, 4],
         group_size: int | None = 128,
         method: Literal["gptq", "rtn"] = "gptq",
         damping: float = 0.01,
     ) -> "QuantizedLowRankLinear":
-        """Quantize a ``LowRankLinear``'s factors; ``covariance`` is its input covariance ``C`` (``[in, in]``)."""
-        q_up, q_down = quantize_lowrank_factors(
-            module.up.weight.detach(), module.down.weight.detach(), covariance, bits, group_size, method, damping
-        )
-        bias = None if module.up.bias is None else module.up.bias.detach()
-        result = cls(module.in_features, module.out_features, module.rank, bits, group_size, bias is not None,
-                     device=module.up.weight.device, dtype=None if bias is None else bias.dtype)
+        """Quantize float factors ``up [out, r]``, ``down [r, in]`` (any float dtype; the solver's float64 ones
+        lose nothing to an intermediate cast); ``covariance`` is the input covariance ``C`` (``[in, in]``)."""
+        q_up, q_down = quantize_lowrank_factors(up.detach(), down.detach(), covariance, bits, group_size, method, damping)
+        result = cls(down.shape[1], up.shape[0], up.shape[1], bits, group_size, bias is not None,
+                     device=up.device, dtype=None if bias is None else bias.dtype)
         result.down = QuantizedFactor.from_quantized(q_down)
-        result.up = QuantizedFactor.from_quantized(q_up, bias)
+        result.up = QuantizedFactor.from_quantized(q_up, None if bias is None else bias.detach())
         return result
+
+    @classmethod
+    def from_lowrank(cls, module: LowRankLinear, covariance: torch.Tensor | None, bits: Literal[8, 4],
+                     *args: Any, **kwargs: Any) -> "QuantizedLowRankLinear":
+        """Quantize a ``LowRankLinear``'s factors; ``covariance`` is its input covariance ``C`` (``[in, in]``);
+        ``group_size``, ``method``, ``damping`` as in :meth:`from_factors`."""
+        return cls.from_factors(module.up.weight, module.down.weight, module.up.bias, covariance, bits, *args, **kwargs)
+
+    def relative_output_error(self, up: torch.Tensor, down: torch.Tensor, covariance: torch.Tensor) -> float:
+        """``tr(D C D^T) / tr(W C W^T)`` with ``W = up @ down`` (the float factors) and ``D`` = W minus this
+        module's dequantized weight: the output energy the rounding costs, on the calibration inputs.
+        Computed through the factors (``[out, 2r]`` times ``[2r, in]``), never the dense ``[out, in]`` weight."""
+        c = covariance.to(torch.float64)
+        a = torch.cat([up.to(torch.float64), -self.up.dequantized_weight(torch.float64)], dim=1)
+        b = torch.cat([down.to(torch.float64), self.down.dequantized_weight(torch.float64)], dim=0)
+        bcb = b @ c @ b.T
+        error = float(torch.einsum("ij,jk,ik->", a, bcb, a))
+        r = up.shape[1]
+        energy = float(torch.einsum("ij,jk,ik->", a[:, :r], bcb[:r, :r], a[:, :r]))
+        return error / energy if energy > 0 else 0.0
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> LowRankLinear:
         """Back to a float ``LowRankLinear`` (e.g. before LoRA recovery fine-tuning, which needs float factors)."""
@@ -155,6 +180,63 @@ class QuantizedLowRankLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
                 f"bits={self.bits}, group_size={self.group_size}, bias={self.bias is not None}")
+
+
+def quantized_state_shapes(in_features: int, out_features: int, rank: int, bits: int, group_size: int | None,
+                           bias: bool) -> dict[str, tuple[torch.dtype | None, tuple[int, ...]]]:
+    """``{state-dict suffix: (dtype, shape)}`` of a ``QuantizedLowRankLinear`` (``"down.qweight"``, ...); the bias
+    dtype is ``None`` (the model's). What the loader and the resume check a checkpoint against."""
+    out: dict[str, tuple[torch.dtype | None, tuple[int, ...]]] = {}
+    for part, (fin, fout) in (("down", (in_features, rank)), ("up", (rank, out_features))):
+        for key, spec in storage_shapes(fin, fout, bits, group_size).items():
+            out[f"{part}.{key}"] = spec
+    if bias:
+        out["up.bias"] = (None, (out_features,))
+    return out
+
+
+def install_quantized_factors(
+    model: nn.Module, name: str, up: torch.Tensor, down: torch.Tensor, covariance: torch.Tensor | None,
+    bits: Literal[8, 4], group_size: int | None = 128, method: Literal["gptq", "rtn"] = "gptq",
+) -> QuantizedLowRankLinear:
+    """Write-back of quantized factors: replace the module ``name`` (dense or ``LowRankLinear``) by a
+    :class:`QuantizedLowRankLinear`, keeping its bias (in its dtype), device and train/eval mode."""
+    from ..lowrank import set_submodule
+    from ..targets import linear_weight
+
+    current = model.get_submodule(name)
+    if isinstance(current, LowRankLinear):
+        device, bias = current.up.weight.device, current.up.bias
+    else:
+        device, bias = linear_weight(current).device, current.bias
+    replacement = QuantizedLowRankLinear.from_factors(
+        up.to(device), down.to(device), None if bias is None else bias.detach(),
+        None if covariance is None else covariance.to(device), bits, group_size, method,
+    )
+    replacement.train(current.training)
+    set_submodule(model, name, replacement)
+    return replacement
+
+
+def load_quantized_factors(model: nn.Module, name: str, rank: int, bits: int, group_size: int | None,
+                           tensors: dict[str, torch.Tensor]) -> QuantizedLowRankLinear:
+    """Replace the dense module ``name`` by a :class:`QuantizedLowRankLinear` holding the stored ``tensors``
+    (``{"down.qweight": ..., ...}``, no bias: the dense module's is kept). Used to resume a compression."""
+    from ..lowrank import set_submodule
+    from ..targets import linear_shape, linear_weight
+
+    dense = model.get_submodule(name)
+    in_features, out_features = linear_shape(dense)
+    weight = linear_weight(dense)
+    module = QuantizedLowRankLinear(in_features, out_features, rank, bits, group_size, dense.bias is not None,
+                                    device=weight.device, dtype=weight.dtype)
+    state = {k: v.to(weight.device) for k, v in tensors.items()}
+    if dense.bias is not None:
+        state["up.bias"] = dense.bias.detach()
+    module.load_state_dict(state, strict=True)
+    module.train(dense.training)
+    set_submodule(model, name, module)
+    return module
 
 
 def replace_with_quantized_lowrank(model: nn.Module, bits: int, group_size: int | None = 128) -> nn.Module:
@@ -177,7 +259,8 @@ def replace_with_quantized_lowrank(model: nn.Module, bits: int, group_size: int 
 
 
 def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
-    """Replace every ``QuantizedLowRankLinear`` by its float ``LowRankLinear`` (the path to LoRA / merging)."""
+    """Replace every ``QuantizedLowRankLinear`` by its float ``LowRankLinear`` (the path to LoRA / merging);
+    ``dtype`` defaults to each module's bias dtype, else float32."""
     from ..lowrank import set_submodule
 
     for name, module in list(model.named_modules()):
@@ -188,11 +271,13 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
 
 
 def refuse_lora_on_quantized(model: nn.Module) -> None:
-    """Raise if ``model`` has quantized factors: LoRA recovery must run on ``dequantize_model(model)`` instead."""
+    """Raise if ``model`` has quantized factors: recovery fine-tuning (LoRA or full factors) must run on
+    ``dequantize_model(model)`` instead (integer codes have no gradients)."""
     names = [n for n, m in model.named_modules() if isinstance(m, QuantizedLowRankLinear)]
     if names:
         raise ValueError(
-            f"{len(names)} modules (e.g. '{names[0]}') hold quantized low-rank factors; LoRA recovery fine-tuning "
-            "needs float factors. Call optimum_odllm.quantization.dequantize_model(model) first, fine-tune, "
-            "then quantize again."
+            f"{len(names)} modules (e.g. '{names[0]}') hold quantized (integer) low-rank factors; recovery "
+            "fine-tuning (LoRA or full factors) needs float factors. Call "
+            "optimum_odllm.quantization.dequantize_model(model) first and fine-tune that; its float factors can "
+            "be quantized again with QuantizedLowRankLinear.from_lowrank (method='rtn' needs no data)."
         )

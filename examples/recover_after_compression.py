@@ -40,7 +40,7 @@ from optimum_odllm.recsys import (
     train_recommender,
 )
 from optimum_odllm.recsys.instructions import packed_sequences
-from optimum_odllm.training import apply_lora_to_factors, mark_factors_trainable, merge_lora
+from optimum_odllm.recovery import apply_lora_to_factors, mark_factors_trainable, merge_lora
 
 
 logger = logging.get_logger("optimum_odllm.examples.recovery")

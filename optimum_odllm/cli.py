@@ -301,7 +301,7 @@ def run_train(args: argparse.Namespace) -> Path:
         build_offline_tokenizer, leave_one_out, load_base_model, train_recommender,
     )
     from .compressor import ODLLMCompressor
-    from .training import apply_lora_to_factors, lowrank_modules, mark_factors_trainable, merge_lora, sample_calibration
+    from .recovery import apply_lora_to_factors, lowrank_modules, mark_factors_trainable, merge_lora, sample_calibration
     from .saving import staged_directory
 
     torch.manual_seed(args.seed)

@@ -30,7 +30,7 @@ from .configuration import QUANT_METHOD, ODLLMConfig
 from .linalg import check_finite
 from .lowrank import LowRankLinear, merge_lowrank, replace_with_lowrank_linear
 from .quantization import QuantizedLowRankLinear, dequantize_model, replace_with_quantized_lowrank
-from .saving import STAGING_PREFIX
+from .saving import is_save_leftover
 
 
 if TYPE_CHECKING:
@@ -46,12 +46,13 @@ def guard_keys(ranks: dict[str, int]) -> list[str]:
     return [name + GUARD_SUFFIX for name in ranks]
 
 
-def _refuse_staging_directory(checkpoint_files: Any) -> None:
+def _refuse_save_leftovers(checkpoint_files: Any) -> None:
     for file in checkpoint_files or ():
-        if any(part.startswith(STAGING_PREFIX) for part in Path(file).parts):
+        leftover = next((parent for parent in Path(file).parents if is_save_leftover(parent)), None)
+        if leftover is not None:
             raise ValueError(
-                f"{Path(file).parent} is the staging directory of an interrupted OD-LLM save, not a model: "
-                "load the directory it was saving into (or save again)."
+                f"{leftover} was left behind by an interrupted OD-LLM save, it is not a model: load the directory "
+                "it was saving into (or save again; the next save removes it)."
             )
 
 
@@ -70,7 +71,7 @@ class ODLLMHfQuantizer(HfQuantizer):
             )
 
     def _process_model_before_weight_loading(self, model: "PreTrainedModel", **kwargs: Any) -> "PreTrainedModel":
-        _refuse_staging_directory(kwargs.get("checkpoint_files"))
+        _refuse_save_leftovers(kwargs.get("checkpoint_files"))
         model = replace_with_lowrank_linear(model, self.quantization_config.ranks)
         if self.quantization_config.factor_bits is not None:
             config = self.quantization_config

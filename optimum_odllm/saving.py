@@ -35,6 +35,12 @@ CONFIG_NAME = "config.json"
 _LEGACY_LEFTOVER = r"\.{name}\.(?:tmp-[A-Za-z0-9_]+|old-\d+)"
 
 
+def is_save_leftover(directory: str | os.PathLike) -> bool:
+    """Whether ``directory`` is what an interrupted save left behind (ours or version 0.1's): never a model."""
+    name = Path(directory).name
+    return name.startswith(STAGING_PREFIX) or re.fullmatch(_LEGACY_LEFTOVER.format(name=".+"), name) is not None
+
+
 def check_save_target(target: Path, protected: Sequence[str | os.PathLike | None] = ()) -> None:
     """Refuse a target that is a file, or the directory of the model we compressed (it would be overwritten)."""
     if target.exists() and not target.is_dir():

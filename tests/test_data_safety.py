@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -114,6 +115,15 @@ def test_crash_leftovers_are_cleaned_on_next_save_and_never_load(tmp_path):
     compressor.save_pretrained(target)
     assert not old_tmp.exists() and not old_backup.exists()
     assert (tmp_path / ".model.tmp-notes").exists()  # a file: not ours
+
+
+@pytest.mark.parametrize("leftover", [".model.tmp-abc123", ".model.old-4242", ".odllm-staging-x1y2"])
+def test_a_complete_looking_save_leftover_is_refused_by_the_loader(tmp_path, leftover):
+    # version 0.1 staged whole models in sibling directories; a kill could leave one that looks complete
+    compressed().save_pretrained(tmp_path / "model")
+    shutil.copytree(tmp_path / "model", tmp_path / leftover)
+    with pytest.raises(ValueError, match="left behind by an interrupted OD-LLM save"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / leftover)
 
 
 def test_interrupted_save_leaves_no_loadable_half(tmp_path, monkeypatch):

@@ -234,7 +234,7 @@ def test_model_card_states_bits_and_bytes(saved):
 
 
 def test_recovery_fine_tuning_of_quantized_factors_is_refused(saved):
-    from optimum_odllm.training import apply_lora_to_factors, lowrank_modules, mark_factors_trainable
+    from optimum_odllm.recovery import apply_lora_to_factors, lowrank_modules, mark_factors_trainable
 
     _, _, path = saved
     model = AutoModelForCausalLM.from_pretrained(path)

@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 from conftest import calibration_ids, tiny_model
 
 from optimum_odllm import LowRankLinear, ODLLMCompressor, ODLLMConfig
-from optimum_odllm.training import (
+from optimum_odllm.recovery import (
     CompressAtEndCallback,
     apply_lora_to_factors,
     lowrank_modules,

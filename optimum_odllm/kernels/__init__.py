@@ -15,13 +15,13 @@ Llama-7B shape 1.13x faster than dense where cuBLAS factors gave 0.85-0.91x, but
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import torch
 
-HAS_TRITON = importlib.util.find_spec("triton") is not None and torch.cuda.is_available()
-MAX_GROUPS = 3  # up factors one grouped_up launch takes (q/k/v)
+from .capabilities import HAS_TRITON, MAX_GROUPS
+from .ops import grouped_up, lowrank_down  # registers torch.ops.odllm.*
+
 MAX_KERNEL_TOKENS = int(os.environ.get("ODLLM_KERNEL_MAX_TOKENS", "1"))
 ENABLED = os.environ.get("ODLLM_KERNELS", "1") != "0"
 _SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
@@ -39,7 +39,5 @@ def use_kernels(x: torch.Tensor, tokens: int) -> bool:
         and (torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing())
     )
 
-
-from .ops import grouped_up, lowrank_down  # noqa: E402  (registers torch.ops.odllm.*)
 
 __all__ = ["HAS_TRITON", "MAX_GROUPS", "MAX_KERNEL_TOKENS", "grouped_up", "lowrank_down", "use_kernels"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import HAS_TRITON
+from .capabilities import HAS_TRITON
 
 if HAS_TRITON:
     from . import triton_lowrank

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import MAX_GROUPS
+from .capabilities import MAX_GROUPS
 
 
 @triton.jit

@@ -1,4 +1,4 @@
-"""Training around OD-LLM: recovery fine-tuning of the low-rank factors and compress-at-the-end.
+"""Fine-tuning around OD-LLM: recovery of the low-rank factors after compression, and compress-at-the-end.
 
 Compressed checkpoints are ordinary float ``nn.Linear`` factors behind a trainable transformers
 quantizer (``is_trainable``/``is_qat_trainable``), so ``transformers.Trainer`` fine-tunes them directly.

@@ -3,8 +3,8 @@
 For each layer: **statistics** (forward the stored inputs with hooks that accumulate ``X^T X`` per
 input group and, with progressive alignment, ``X^T X_ref`` against the original model's inputs),
 **solve** (:func:`optimum_odllm.solvers.solve_module`, a pure function), **write back**
-(:func:`optimum_odllm.lowrank.install_factors`; with ``factor_bits`` the factors are first quantized against
-the covariance just collected, :func:`optimum_odllm.quantization.install_quantized_factors`), **propagate**
+(:mod:`optimum_odllm.factor_storage`: float ``LowRankLinear`` factors, or with ``factor_bits`` integer factors
+quantized against the covariance just collected), **propagate**
 (push the drifted stream through the compressed, possibly quantized, layer, so the next layer's statistics
 see the rounding too) and **checkpoint** (:mod:`optimum_odllm.checkpointing`). The stages are timed into
 the report.
@@ -25,8 +25,7 @@ from .calibration import CalibrationSet
 from .checkpointing import LayerCheckpointer
 from .layerwise import ActivationHooks, LayerInputs, capture_first_layer_inputs, run_layer
 from .linalg import check_finite
-from .lowrank import install_factors
-from .quantization import QuantizedLowRankLinear, install_quantized_factors, load_quantized_factors, quantized_state_shapes
+from .factor_storage import FactorStorage, factor_storage
 from .ranks import ModuleShape, allocate_ranks
 from .result import CompressionReport, ModuleReport
 from .solvers import SolveProblem, solve_data_free, solve_module, solver_dtype
@@ -68,26 +67,9 @@ def plan_ranks(shapes: list[ModuleShape], config: Any) -> dict[str, int | None]:
     return ranks
 
 
-def _install(
-    model: nn.Module, name: str, up: torch.Tensor, down: torch.Tensor, covariance: torch.Tensor | None,
-    config: Any, report: ModuleReport, timer: StageTimer,
-) -> None:
-    """Write the solved factors back: float ``LowRankLinear``, or quantized against ``covariance``."""
-    if config.factor_bits is None:
-        install_factors(model, name, up, down)
-        return
-    with timer("quantize"):
-        module = install_quantized_factors(
-            model, name, up, down, covariance, config.factor_bits, config.factor_group_size, config.factor_quantizer
-        )
-        report.factor_bits = config.factor_bits
-        if covariance is not None:
-            report.quantization_loss = module.relative_output_error(up, down, covariance)
-
-
 def _solve_and_install(
     model: nn.Module, name: str, module: nn.Module, rank: int, covariance: torch.Tensor,
-    cross: torch.Tensor | None, config: Any, timer: StageTimer,
+    cross: torch.Tensor | None, config: Any, storage: FactorStorage, timer: StageTimer,
 ) -> ModuleReport:
     dtype = solver_dtype(config)
     problem = SolveProblem(
@@ -100,7 +82,8 @@ def _solve_and_install(
     with timer("solve"):
         solution = solve_module(problem, config)
     report = ModuleReport.solved(name, linear_shape(module), rank, solution.factors.singular_values, solution.jitter)
-    _install(model, name, solution.factors.up, solution.factors.down, problem.covariance, config, report, timer)
+    with timer(storage.stage):
+        storage.install(model, name, solution.factors.up, solution.factors.down, problem.covariance, report)
     return report
 
 
@@ -114,7 +97,7 @@ def compress_data_free(
             "factor_quantizer='gptq' weighs the rounding error by the input covariance, which needs calibration "
             "data: pass calibration data, or use factor_quantizer='rtn' for data-free plain rounding."
         )
-    dtype = solver_dtype(config)
+    dtype, storage = solver_dtype(config), factor_storage(config)
     for name, module in logging.tqdm(list(targets.items()), desc="OD-LLM plain SVD"):
         rank = ranks[name]
         if rank is None:
@@ -124,35 +107,14 @@ def compress_data_free(
         with timer("solve"):
             solution = solve_data_free(SolveProblem(name, weight, weight, None, rank), config)
         entry = ModuleReport.solved(name, linear_shape(module), rank, solution.factors.singular_values, 0.0)
-        _install(model, name, solution.factors.up, solution.factors.down, None, config, entry, timer)
+        with timer(storage.stage):
+            storage.install(model, name, solution.factors.up, solution.factors.down, None, entry)
         report.modules.append(entry)
-
-
-def _checkpoint_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
-    """What a layer checkpoint stores per compressed module (the bias is the dense module's, restored from it)."""
-    if isinstance(module, QuantizedLowRankLinear):
-        return {k: v for k, v in module.state_dict().items() if k != "up.bias"}
-    return {"down.weight": module.down.weight, "up.weight": module.up.weight}
-
-
-def _expected_checkpoint_shapes(module: nn.Module, rank: int, config: Any) -> dict[str, tuple[int, ...]]:
-    in_features, out_features = linear_shape(module)
-    if config.factor_bits is None:
-        return {"up.weight": (out_features, rank), "down.weight": (rank, in_features)}
-    shapes = quantized_state_shapes(in_features, out_features, rank, config.factor_bits, config.factor_group_size, False)
-    return {key: shape for key, (_, shape) in shapes.items()}
-
-
-def _restore_module(model: nn.Module, name: str, rank: int, tensors: dict[str, torch.Tensor], config: Any) -> None:
-    if config.factor_bits is None:
-        install_factors(model, name, tensors["up.weight"], tensors["down.weight"])
-    else:
-        load_quantized_factors(model, name, rank, config.factor_bits, config.factor_group_size, tensors)
 
 
 def _resume(
     model: nn.Module, checkpointer: LayerCheckpointer, num_batches: int, targets: dict[str, nn.Module],
-    ranks: dict[str, int | None], layers_name: str, num_layers: int, report: CompressionReport, config: Any,
+    ranks: dict[str, int | None], layers_name: str, num_layers: int, report: CompressionReport, storage: FactorStorage,
 ) -> tuple[int, list[torch.Tensor], list[torch.Tensor] | None]:
     """Restore finished layers from the checkpoint; returns the next layer and the two hidden-state streams."""
     state = checkpointer.load(num_batches)
@@ -160,11 +122,11 @@ def _resume(
         raise checkpointer.fail(f"it has {state.completed_layers} layers but the model has {num_layers}")
     done = tuple(f"{layers_name}.{i}." for i in range(state.completed_layers))
     expected = {
-        name: _expected_checkpoint_shapes(module, ranks[name], config)
+        name: storage.expected_shapes(module, ranks[name])
         for name, module in targets.items() if name.startswith(done) and ranks[name] is not None
     }
     start = checkpointer.restore(
-        state, expected, lambda name, tensors: _restore_module(model, name, ranks[name], tensors, config)
+        state, expected, lambda name, tensors: storage.restore(model, name, ranks[name], tensors)
     )
     report.modules.extend(ModuleReport(**entry) for entry in state.modules)
     logger.warning(
@@ -186,10 +148,11 @@ def compress_layerwise(
         reference = capture_first_layer_inputs(model, layers[0], batches, device)
     drifted: LayerInputs | None = None  # inputs seen through the compressed prefix (progressive only)
     cov_dtype = _COV_DTYPES[config.covariance_dtype]
+    storage = factor_storage(config)
     start = 0
     if checkpointer is not None and resume and checkpointer.exists():
         start, ref_hidden, drift_hidden = _resume(
-            model, checkpointer, len(batches), targets, ranks, layers_name, len(layers), report, config
+            model, checkpointer, len(batches), targets, ranks, layers_name, len(layers), report, storage
         )
         reference = reference.with_hidden([h.to(device) for h in ref_hidden])
         if drift_hidden is not None:
@@ -225,7 +188,9 @@ def compress_layerwise(
                     continue
                 cross = hooks.stats.cross_covariance.get(group) if aligned else None
                 report.modules.append(
-                    _solve_and_install(model, name, module, ranks[name], hooks.stats.covariance[group], cross, config, timer)
+                    _solve_and_install(
+                        model, name, module, ranks[name], hooks.stats.covariance[group], cross, config, storage, timer
+                    )
                 )
             missing = set(n[len(prefix):] for n in layer_targets) - set(hooks.stats.group_of)
             if missing:
@@ -242,6 +207,6 @@ def compress_layerwise(
                 for name in layer_targets:
                     module = model.get_submodule(name)
                     if ranks[name] is not None:
-                        factors.update({f"{name}.{k}": v for k, v in _checkpoint_tensors(module).items()})
+                        factors.update({f"{name}.{k}": v for k, v in storage.checkpoint_tensors(module).items()})
                 done = [asdict(m) for m in report.modules if m.name.startswith(prefix)]
                 checkpointer.save_layer(index, factors, done, reference.hidden, drifted.hidden if drifted is not None else None)

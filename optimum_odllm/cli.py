@@ -411,7 +411,7 @@ def run_command(name: str, args: argparse.Namespace) -> Any:
     except CLIError as err:
         print(f"error: {err.message}", file=sys.stderr)
         raise
-    except (ValueError, OSError, TypeError, FloatingPointError, ImportError) as err:
+    except (ValueError, OSError, FloatingPointError, ImportError) as err:
         print(f"error: {err}".replace("\n", " "), file=sys.stderr)
         raise SystemExit(2) from None
 

@@ -110,7 +110,9 @@ class ODLLMCompressor(OptimumQuantizer):
         if model_or_path is None:
             raise TypeError("model_or_path is None: pass a local model directory, a Hub model id or a PreTrainedModel.")
         source = str(model_or_path)
-        if not Path(source).expanduser().is_dir() and (isinstance(model_or_path, Path) or _looks_like_local_path(source)):
+        if Path(source).expanduser().is_dir():
+            source = str(Path(source).expanduser())  # transformers does not expand "~"
+        elif isinstance(model_or_path, Path) or _looks_like_local_path(source):
             raise OSError(f"The model directory {source} does not exist. Pass an existing directory or a Hub model id.")
         try:
             model = AutoModelForCausalLM.from_pretrained(source, **model_kwargs)
@@ -196,7 +198,7 @@ class ODLLMCompressor(OptimumQuantizer):
         targets = self.target_modules()
         calibration = self._prepare_calibration(calibration_dataset)
         self.artifacts = collect_artifacts(self.source, self.artifacts, self.tokenizer, vocabulary_size(self.model))
-        if checkpoint_dir is not None:
+        if checkpoint_dir is not None and calibration is not None:  # data-free runs are not checkpointed
             check_writable(checkpoint_dir)
         if calibration_dataset is not None and self.calibration_source is None:
             self.calibration_source = _describe(calibration_dataset)

@@ -118,7 +118,8 @@ class ODLLMConfig(QuantizationConfigMixin):
             )
         if self.alignment not in ALIGNMENTS:
             raise ValueError(f"alignment must be one of the registered variants {sorted(ALIGNMENTS)}, got {self.alignment!r}")
-        if self.progressive and self.alignment_damping == 0 and not self.allow_undamped_alignment:
+        # a compressed checkpoint (ranks set) records a past run: refuse only what would run now
+        if self.progressive and self.alignment_damping == 0 and not self.allow_undamped_alignment and not self.ranks:
             raise ValueError(
                 "alignment_damping=0 with progressive=True is exact least squares, which can blow up on scarce or "
                 "rank-deficient calibration data (docs/alignment.md). Use alignment_damping=0.01 (the default), "

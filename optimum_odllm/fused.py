@@ -152,8 +152,9 @@ def is_fused(model: nn.Module) -> bool:
 def fuse_at_load(model: nn.Module) -> int:
     """Fusion as the loader applies it: only where safe (one device per model, no offload, no meta weights).
 
-    Meant for ``ODLLMHfQuantizer._process_model_after_weight_loading``; returns 0 and changes nothing
-    for models dispatched over several devices or offloaded by accelerate (their hooks move weights).
+    For users and serving code after ``from_pretrained`` (the loader does not fuse by itself: fused factors were
+    not faster everywhere, benchmarks/README.md section 4); returns 0 and changes nothing for models dispatched
+    over several devices or offloaded by accelerate (their hooks move weights).
     """
     device_map = getattr(model, "hf_device_map", None)
     if device_map and len(set(device_map.values())) > 1:

@@ -112,12 +112,13 @@ class ODLLMHfQuantizer(HfQuantizer):
     def get_state_dict_and_metadata(self, model: "PreTrainedModel") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """The state dict plus the guards that make plain transformers refuse to load it (see module docs).
 
-        Factors that are views into a shared tensor (after :func:`~optimum_odllm.fused.fuse_shared_inputs`)
-        are copied so that each key owns its bytes.
+        Factors that are slices of a larger storage (the stacked ``down`` of
+        :func:`~optimum_odllm.fused.fuse_shared_inputs`) are copied so that each key owns its bytes.
         """
         state = {}
         for key, tensor in model.state_dict().items():
-            state[key] = tensor.clone() if tensor._base is not None else tensor
+            slice_of_more = tensor.untyped_storage().nbytes() > tensor.numel() * tensor.element_size()
+            state[key] = tensor.clone() if slice_of_more else tensor
         ranks = self.quantization_config.ranks
         dtype = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
         for key in guard_keys(ranks):

@@ -37,12 +37,14 @@ class LowRankLinear(nn.Module):
         self.up = nn.Linear(rank, out_features, bias=bias, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        group = self.__dict__.get("_odllm_group")
-        if group is not None:  # set by optimum_odllm.fused: siblings share one down GEMM
-            return group(self, x)
         down, up = self._modules["down"], self._modules["up"]  # not nn.Module.__getattr__: eager decode pays per call
         if not (_is_plain_linear(down) and _is_plain_linear(up)):
             return up(down(x))  # adapters (peft) or hooks on a factor: keep module calls
+        group = self.__dict__.get("_odllm_group")
+        # set by optimum_odllm.fused: siblings share one down GEMM over the stacked weight, which carries no
+        # gradient, so a training step (grad needed for `down`) takes the member's own factors instead
+        if group is not None and not (torch.is_grad_enabled() and down.weight.requires_grad):
+            return group(self, x)
         if not x.is_cuda:  # the Triton kernels are CUDA-only: two plain GEMMs, nothing to decide
             return F.linear(F.linear(x, down.weight), up.weight, up.bias)
         return lowrank_outputs(x, down.weight, [up.weight], [up.bias])[0]

@@ -55,15 +55,32 @@ def check_save_target(target: Path, protected: Sequence[str | os.PathLike | None
 
 
 def remove_leftovers(target: Path) -> None:
-    """Delete staging directories of interrupted saves (ours by name and by being directories)."""
+    """Clean up after interrupted saves into ``target``, deleting only what the library wrote.
+
+    Our staging directories (inside ``target``) and version 0.1's staging siblings (``.NAME.tmp-*``) held
+    nothing but files a save was writing: they are deleted. Version 0.1 also renamed the previous directory
+    aside to ``.NAME.old-PID`` before replacing it, so that backup may hold the user's own files: it is moved
+    back when ``target`` is missing, and otherwise kept with a warning (the loader refuses it as a model).
+    """
     for path in target.glob(STAGING_PREFIX + "*"):
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
+    if not target.parent.is_dir():
+        return
     legacy = re.compile(_LEGACY_LEFTOVER.format(name=re.escape(target.name)))
-    if target.parent.is_dir():  # version 0.1 staged in sibling directories
-        for path in target.parent.iterdir():
-            if path.is_dir() and legacy.fullmatch(path.name):
-                shutil.rmtree(path, ignore_errors=True)
+    for path in sorted(target.parent.iterdir()):
+        if not (path.is_dir() and legacy.fullmatch(path.name)):
+            continue
+        if ".tmp-" in path.name:
+            shutil.rmtree(path, ignore_errors=True)
+        elif not target.exists():
+            path.rename(target)
+            logger.warning(f"Restored {target} from {path.name}, the copy an interrupted optimum-odllm 0.1 save had set aside.")
+        else:
+            logger.warning(
+                f"{path} holds what an interrupted optimum-odllm 0.1 save moved aside from {target}; it may contain your "
+                "own files. It was left untouched: delete it yourself once you have checked it."
+            )
 
 
 def _publish_file(source: Path, destination: Path) -> None:
@@ -102,9 +119,9 @@ def staged_directory(target: str | os.PathLike, protected: Sequence[str | os.Pat
     """Yield a staging directory whose files are published into ``target`` when the block succeeds."""
     target = Path(target)
     check_save_target(target, protected)
+    remove_leftovers(target)
     created = not target.exists()
     target.mkdir(parents=True, exist_ok=True)
-    remove_leftovers(target)
     staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=target))
     try:
         yield staging

@@ -32,6 +32,7 @@ from .linalg import (
     LowRankFactors,
     aligned_target,
     aligned_target_times_factor,
+    check_finite,
     robust_cholesky,
     truncated_svd,
 )
@@ -170,6 +171,7 @@ def up_only(problem: SolveProblem, chol: CholeskyResult, options: AlignmentOptio
         gram, rhs = gram + shift, rhs + base.up @ shift
     gram_chol = robust_cholesky(gram, name=f"code covariance of {problem.name}")
     up = torch.cholesky_solve(rhs.T, gram_chol.factor).T
+    check_finite(up, f"low-rank factor 'up' of {problem.name}")
     return LowRankFactors(up=up, down=down, singular_values=base.singular_values)
 
 

@@ -104,17 +104,31 @@ def test_cli_output_onto_the_input_model_is_refused_and_leaves_it_intact(tmp_pat
 
 def test_crash_leftovers_are_cleaned_on_next_save_and_never_load(tmp_path):
     target = tmp_path / "model"
-    # what an interrupted save of version 0.1 (or of this one) leaves behind
+    # what an interrupted save of version 0.1 leaves behind: its staging sibling (only files it was writing) ...
     old_tmp = tmp_path / ".model.tmp-abc123"
-    old_backup = tmp_path / f".model.old-{os.getpid() + 1}"
-    compressor = compressed()
-    for leftover in (old_tmp, old_backup):
-        leftover.mkdir()
-        (leftover / "model.safetensors").write_bytes(b"partial")
+    old_tmp.mkdir()
+    (old_tmp / "model.safetensors").write_bytes(b"partial")
     (tmp_path / ".model.tmp-notes").write_text("a file of the user's with a similar name")
-    compressor.save_pretrained(target)
-    assert not old_tmp.exists() and not old_backup.exists()
+    compressed().save_pretrained(target)
+    assert not old_tmp.exists()
     assert (tmp_path / ".model.tmp-notes").exists()  # a file: not ours
+
+
+def test_a_version_01_backup_of_the_users_directory_is_restored_or_kept(tmp_path, caplog):
+    # ... and the previous directory it had renamed aside, which may hold the user's own files
+    target = tmp_path / "model"
+    backup = tmp_path / f".model.old-{os.getpid() + 1}"
+    backup.mkdir()
+    (backup / "notes.txt").write_text("only copy")
+    compressed().save_pretrained(target)  # target missing: the backup is moved back, then saved into
+    assert not backup.exists() and (target / "notes.txt").read_text() == "only copy"
+    assert (target / "config.json").is_file()
+    backup.mkdir()
+    (backup / "notes.txt").write_text("another only copy")
+    with caplog.at_level("WARNING"):
+        compressed(seed=1).save_pretrained(target)  # target present: the backup is left alone, with a warning
+    assert (backup / "notes.txt").read_text() == "another only copy"
+    assert "may contain your own files" in caplog.text
 
 
 @pytest.mark.parametrize("leftover", [".model.tmp-abc123", ".model.old-4242", ".odllm-staging-x1y2"])

@@ -102,3 +102,18 @@ def test_fuse_at_load_leaves_offloaded_models_alone(compressed):
     model = copy.deepcopy(compressed.model)
     model.hf_device_map = {"model.layers.0": "cpu", "model.layers.1": "disk"}
     assert fuse_at_load(model) == 0 and not is_fused(model)
+
+
+def test_training_a_fused_model_reaches_every_down_factor(compressed):
+    # the stacked down weight the group multiplies by carries no gradient: training must not use it
+    fused, plain = copy.deepcopy(compressed.model), copy.deepcopy(compressed.model)
+    assert fuse_shared_inputs(fused) > 0
+    ids = torch.arange(3, 19)[None]
+    for model in (fused, plain):
+        model.train()
+        model(ids, labels=ids).loss.backward()
+    grads = {n: p.grad for n, p in fused.named_parameters() if n.endswith("down.weight")}
+    assert grads and all(g is not None for g in grads.values())
+    for name, param in plain.named_parameters():
+        if name in grads:
+            torch.testing.assert_close(grads[name], param.grad, rtol=1e-5, atol=1e-6)

@@ -140,3 +140,10 @@ def test_undamped_progressive_is_refused_unless_asked_for():
         ODLLMConfig(alignment_damping=0.0)
     assert ODLLMConfig(alignment_damping=0.0, allow_undamped_alignment=True).alignment_damping == 0.0
     assert ODLLMConfig(alignment_damping=0.0, progressive=False).alignment_damping == 0.0
+
+
+def test_a_checkpoint_compressed_undamped_before_the_refusal_still_loads():
+    # quantization_config of a model compressed with alignment_damping=0 before allow_undamped_alignment existed
+    saved = {"quant_method": "odllm", "ratio": 0.5, "progressive": True, "alignment_damping": 0.0,
+             "ranks": {"model.layers.0.mlp.up_proj": 8}}
+    assert ODLLMConfig.from_dict(saved).ranks == saved["ranks"]

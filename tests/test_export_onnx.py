@@ -237,3 +237,17 @@ def test_executorch_export_without_executorch_names_the_extra(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.splitlines() == ['error: ExecuTorch export needs executorch, which is not installed: '
                                 'pip install "optimum-odllm[executorch]"']
+
+
+def test_export_into_a_directory_with_files_keeps_them_and_refuses_the_model_directory(tmp_path):
+    model_dir = tmp_path / "odllm"
+    compressed("llama").save_pretrained(model_dir)
+    before = {p.name: p.read_bytes() for p in model_dir.iterdir() if p.is_file()}
+    with pytest.raises(ValueError, match="source model"):
+        export_onnx(model_dir, model_dir)
+    assert {p.name: p.read_bytes() for p in model_dir.iterdir() if p.is_file()} == before
+    out = tmp_path / "shared"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    export_onnx(model_dir, out)
+    assert (out / "notes.txt").read_text() == "keep me" and (out / "model.onnx").is_file()

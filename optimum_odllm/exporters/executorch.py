@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ..saving import staged_directory
 from .common import (
     METADATA_FILE, FlatCacheCausalLM, check_signature, example_inputs, load_for_export, read_layout, require_extra,
     write_sidecars,
@@ -57,8 +58,6 @@ def export_executorch(model_or_path: Any, output_dir: str | Path, *, max_batch: 
 
     model, source = load_for_export(model_or_path, dequantize=dequantize)
     max_seq_len = max_seq_len or min(int(getattr(model.config, "max_position_embeddings", 512)), 512)
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     wrapper = FlatCacheCausalLM(model, all_logits=all_logits)
     layout = wrapper.layout
     check_signature(wrapper)
@@ -67,12 +66,13 @@ def export_executorch(model_or_path: Any, output_dir: str | Path, *, max_batch: 
     with torch.no_grad(), fx_config.patch(backed_size_oblivious=True):
         program = torch.export.export(wrapper, example_inputs(layout), dynamic_shapes=shapes, strict=False)
     lowered = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()]).to_executorch()
-    path = output_dir / PTE_FILE
-    path.write_bytes(lowered.buffer)
-    write_sidecars(model, source, output_dir, tokenizer=tokenizer, item_index=item_index, format="executorch",
-                   file=PTE_FILE, backend="xnnpack", max_batch=max_batch, max_seq_len=max_seq_len,
-                   all_logits=all_logits)
-    return path
+    # staged like a model save: files already in output_dir stay, nothing half-written, the source is refused
+    with staged_directory(output_dir, protected=[source]) as staging:
+        (staging / PTE_FILE).write_bytes(lowered.buffer)
+        write_sidecars(model, source, staging, tokenizer=tokenizer, item_index=item_index, format="executorch",
+                       file=PTE_FILE, backend="xnnpack", max_batch=max_batch, max_seq_len=max_seq_len,
+                       all_logits=all_logits)
+    return Path(output_dir) / PTE_FILE
 
 
 class EtCausalLM(FlatCacheRunner):

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ..saving import staged_directory
 from .common import (
     FlatCacheCausalLM, check_signature, dynamic_shapes, example_inputs, load_for_export, require_extra, write_sidecars,
 )
@@ -35,8 +36,6 @@ def export_onnx(model_or_path: Any, output_dir: str | Path, *, tokenizer: Any = 
     """
     require_extra("export", "ONNX export", "onnx", "onnxscript")
     model, source = load_for_export(model_or_path, dequantize=dequantize)
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     wrapper = FlatCacheCausalLM(model, all_logits=all_logits)
     layout = wrapper.layout
     check_signature(wrapper)
@@ -47,9 +46,10 @@ def export_onnx(model_or_path: Any, output_dir: str | Path, *, tokenizer: Any = 
             input_names=layout.input_names, output_names=layout.output_names, opset_version=opset,
             optimize=optimize, verbose=False,
         )
-    path = output_dir / ONNX_FILE
-    program.save(str(path))  # weights over 2 GiB go to model.onnx.data beside it (protobuf's limit)
-    write_sidecars(model, source, output_dir, tokenizer=tokenizer, item_index=item_index,
-                   format="onnx", file=ONNX_FILE, all_logits=all_logits)
-    return path
+    # staged like a model save: files already in output_dir stay, nothing half-written, the source is refused
+    with staged_directory(output_dir, protected=[source]) as staging:
+        program.save(str(staging / ONNX_FILE))  # weights over 2 GiB go to model.onnx.data beside it (protobuf's limit)
+        write_sidecars(model, source, staging, tokenizer=tokenizer, item_index=item_index,
+                       format="onnx", file=ONNX_FILE, all_logits=all_logits)
+    return Path(output_dir) / ONNX_FILE
 

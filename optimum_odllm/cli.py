@@ -414,6 +414,15 @@ def run_command(name: str, args: argparse.Namespace) -> Any:
     except (ValueError, OSError, FloatingPointError, ImportError) as err:
         print(f"error: {err}".replace("\n", " "), file=sys.stderr)
         raise SystemExit(2) from None
+    finally:
+        _release_process_group()
+
+
+def _release_process_group() -> None:
+    """Under ``accelerate launch``, tear the process group down before exit (gloo aborts on live threads)."""
+    distributed = sys.modules.get("torch.distributed")  # never imports torch just for this
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        distributed.destroy_process_group()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -252,3 +252,6 @@ def test_two_process_cli_evaluate_equals_single_process(tmp_path, capsys):
 
 if __name__ == "__main__":
     {"eval": worker, "train": train_worker, "cli": cli_worker}[sys.argv[2]](Path(sys.argv[1]))
+    if torch.distributed.is_initialized():  # gloo's threads must be joined before exit, or the process may abort
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()

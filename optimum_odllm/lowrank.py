@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
 from .targets import FACTORIZABLE, linear_shape, linear_weight
 
 
@@ -107,8 +108,6 @@ def lowrank_outputs(
     Python overhead is what eager decoding pays for). On CUDA at small token counts both steps run as
     the Triton kernels of :mod:`optimum_odllm.kernels` (one launch each, whatever the group size).
     """
-    from . import kernels
-
     lead = x.shape[:-1]
     tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if kernels.use_kernels(x, tokens) and down.dtype == x.dtype and len(ups) <= kernels.MAX_GROUPS and (

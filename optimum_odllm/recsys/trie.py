@@ -145,6 +145,7 @@ def constrained_beam_search(model, prompts: torch.Tensor, trie: PrefixTrie, num_
     if attention_mask is not None:
         attention_mask = attention_mask.repeat_interleave(k, 0)
         last_pos = position_ids[:, -1].repeat_interleave(k, 0)
+    row_blocked = [blocked[i // k] for i in range(batch * k)]  # beams of a prompt share its exclusions
     for step in range(1, trie.length):
         flat_tokens = sequences[:, :, -1].reshape(-1, 1)
         kwargs = {}
@@ -156,7 +157,6 @@ def constrained_beam_search(model, prompts: torch.Tensor, trie: PrefixTrie, num_
         logp = torch.log_softmax(out.logits[:, -1].float(), dim=-1).view(batch, k, vocab)
         prefixes = [tuple(p) for row in sequences.tolist() for p in row]
         alive = (scores > float("-inf")).view(-1).tolist()
-        row_blocked = [blocked[i // k] for i in range(batch * k)]
         step_mask = _allowed_mask(trie, prefixes, row_blocked, alive, (batch * k, vocab), device).view(batch, k, vocab)
         cand = (scores.unsqueeze(-1) + logp + step_mask).view(batch, k * vocab)
         scores, flat = cand.topk(k, dim=-1)

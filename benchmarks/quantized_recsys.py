@@ -1,16 +1,25 @@
-"""Ranking quality of OD-LLM with quantized factors on the ML-100K recommender (issue 12's quality goal).
+"""Ranking quality over seeds on the ML-100K recommender: OD-LLM (float and quantized factors) against the
+dense model, its own ablation and GPTQ on the dense weights (issues 12 and 14).
 
-Per seed: train (or reuse) the dense recommender of ``examples/ml100k_end_to_end.py`` (same recipe, same
-arguments), then compress it with the **wired** pipeline, ``ODLLMConfig(ratio=R, factor_bits=..,
-factor_quantizer=..)``, once per variant (dense factors, int8/int4 x GPTQ/RTN), and evaluate every model on the
-held-out test users (leave-one-out last item, constrained beam search, seen items excluded). NDCG@10 is a
-mean over users with its standard error; "kept" is variant / dense with the standard error of the paired
-per-user difference divided by the dense mean. Bytes are those of the decoder-layer linears (codes, scales,
-zeros, biases) relative to the dense bf16 weights of the same modules.
+Per seed: train (or reuse) the dense recommender of ``examples/ml100k_end_to_end.py`` (same recipe; size,
+epochs and learning rate are arguments), then compress it with the **wired** pipeline once per variant and
+ratio, and evaluate every model on the held-out test users (leave-one-out last item, constrained beam search
+20, seen items excluded inside the search; ``--unmasked`` labels are also evaluated without exclusion).
+The dense model is also evaluated on the *validation* users (second-last item), which is what a model size
+or recipe should be chosen by. NDCG@10 is a mean over users with its standard error; "kept" is variant /
+dense with the standard error of the paired per-user difference divided by the dense mean; across seeds,
+the mean of the per-seed "kept" with its standard error over seeds. Bytes are those of the decoder-layer
+linears (codes, scales, zeros, biases) relative to the same modules as dense 16-bit weights.
 
-    python benchmarks/quantized_recsys.py --seeds 0 1 2 --out-dir runs/quant-recsys \
+Variants (``--variants``): ``odllm`` (defaults), ``no_progressive`` (the one-shot ablation),
+``odllm+int8 gptq|rtn``, ``odllm+int4 gptq|rtn`` (``factor_bits``), and ``gptq-w4`` / ``gptq-w3`` / ``gptq-w8``:
+GPTQ on the dense weights (:func:`recsys_common.gptq_dense_fake_quantize`, this library's GPTQ solver, g128,
+simulated by dequantized weights: quality only).
+
+    python benchmarks/quantized_recsys.py --seeds 0 1 2 --out-dir runs/quant-recsys \\
         --json benchmarks/results/quantized_recsys_cpu.json
     python benchmarks/quantized_recsys.py --seeds 0 --train-only --out-dir runs/quant-recsys   # train dense only
+    python benchmarks/quantized_recsys.py --merge a.json b.json --json all.json   # seeds run in separate processes
 """
 
 from __future__ import annotations
@@ -29,10 +38,12 @@ import torch
 from torch import nn
 
 from common import machine_info, markdown_table, write_json  # also puts the repository on sys.path
+from recsys_common import gptq_dense_fake_quantize, grouped_storage_bits_per_weight
 
 from optimum_odllm import ODLLMCompressor, ODLLMConfig  # noqa: E402
 from optimum_odllm.lowrank import LowRankLinear  # noqa: E402
 from optimum_odllm.quantization import QuantizedLowRankLinear  # noqa: E402
+from optimum_odllm.quantization.gptq import effective_group_size  # noqa: E402
 from optimum_odllm.recsys import (  # noqa: E402
     PACKED_SEQREC_TEMPLATE,
     InstructionEncoder,
@@ -48,20 +59,35 @@ from optimum_odllm.recsys import (  # noqa: E402
 from optimum_odllm.recsys.evaluation import evaluate_per_user  # noqa: E402
 from optimum_odllm.recsys.instructions import packed_sequences  # noqa: E402
 
-#: (name, factor_bits, factor_quantizer); None bits = float factors (plain OD-LLM).
-VARIANTS = [("odllm", None, "gptq"), ("odllm+int8 gptq", 8, "gptq"), ("odllm+int8 rtn", 8, "rtn"),
-            ("odllm+int4 gptq", 4, "gptq"), ("odllm+int4 rtn", 4, "rtn")]
+#: name -> (ODLLMConfig overrides) for OD-LLM variants, or ("gptq", bits) for GPTQ on the dense weights.
+VARIANTS: dict[str, Any] = {
+    "odllm": {},
+    "no_progressive": {"progressive": False},
+    "odllm+int8 gptq": {"factor_bits": 8, "factor_quantizer": "gptq"},
+    "odllm+int8 rtn": {"factor_bits": 8, "factor_quantizer": "rtn"},
+    "odllm+int4 gptq": {"factor_bits": 4, "factor_quantizer": "gptq"},
+    "odllm+int4 rtn": {"factor_bits": 4, "factor_quantizer": "rtn"},
+    "gptq-w8": ("gptq", 8),
+    "gptq-w4": ("gptq", 4),
+    "gptq-w3": ("gptq", 3),
+}
+DEFAULT_VARIANTS = "odllm,no_progressive,odllm+int8 gptq,odllm+int4 gptq,gptq-w4,gptq-w3"
 METRIC = "NDCG@10"
+GROUP_SIZE = 128
 
 
 def sixteen_bit_bytes(tensor: torch.Tensor) -> int:
-    """Float tensors at 2 bytes per value (the issue's "16-bit bytes", whatever dtype the CPU run used);
+    """Float tensors at 2 bytes per value (the issue's "16-bit bytes", whatever dtype the run used);
     integer codes at their real size."""
     return tensor.numel() * (2 if tensor.is_floating_point() else tensor.element_size())
 
 
-def decoder_linear_bytes(model: nn.Module) -> tuple[int, int]:
-    """(bytes stored, bytes as dense 16-bit) of the linears inside the decoder layers."""
+def decoder_linear_bytes(model: nn.Module, dense_bits: int | None = None) -> tuple[int, int]:
+    """(bytes stored, bytes as dense 16-bit) of the linears inside the decoder layers.
+
+    ``dense_bits``: the plain linears are counted as GPTQ-coded (``bits`` + a bfloat16 scale and zero per
+    group of 128; int8 one bfloat16 scale per row) instead of 16-bit.
+    """
     stored = dense = 0
     for name, module in model.named_modules():
         if ".layers." not in name:
@@ -70,8 +96,15 @@ def decoder_linear_bytes(model: nn.Module) -> tuple[int, int]:
             stored += sum(sixteen_bit_bytes(t) for t in module.state_dict().values())
             dense += (module.in_features * module.out_features + (module.out_features if module.bias is not None else 0)) * 2
         elif isinstance(module, nn.Linear) and not name.endswith((".up", ".down")):
-            stored += sum(sixteen_bit_bytes(t) for t in module.state_dict().values())
-            dense += sum(sixteen_bit_bytes(t) for t in module.state_dict().values())
+            full = sum(sixteen_bit_bytes(t) for t in module.state_dict().values())
+            dense += full
+            if dense_bits is None:
+                stored += full
+            else:
+                weights = module.in_features * module.out_features
+                group = effective_group_size(module.in_features, GROUP_SIZE)
+                bits = (8 + 16 / module.in_features) if dense_bits == 8 else grouped_storage_bits_per_weight(dense_bits, group)
+                stored += math.ceil(weights * bits / 8) + full - weights * 2
     return stored, dense
 
 
@@ -82,7 +115,7 @@ def train_or_load(seed: int, args: argparse.Namespace, data, split) -> tuple[nn.
     if (dense_dir / "config.json").exists():
         index = ItemIndex.load(dense_dir)
         tokenizer = AutoTokenizer.from_pretrained(dense_dir)
-        model = AutoModelForCausalLM.from_pretrained(dense_dir).eval()
+        model = AutoModelForCausalLM.from_pretrained(dense_dir).to(args.device).eval()
         return model, InstructionEncoder(tokenizer, index, data.item_text), tokenizer
     random.seed(seed), torch.manual_seed(seed)
     index = build_item_index(data.item_text, data.item_ids, levels=3, codebook_size=64, steps=1500, seed=seed)
@@ -90,24 +123,25 @@ def train_or_load(seed: int, args: argparse.Namespace, data, split) -> tuple[nn.
     encoder = InstructionEncoder(tokenizer, index, data.item_text)
     samples = build_instruction_samples(encoder, split.train, tasks=("seqrec", "item2index"), history=20,
                                         packed=True, short=True, seed=seed)
-    model = build_offline_model(tokenizer, hidden_size=args.hidden_size, num_layers=args.layers, num_heads=4, seed=seed)
+    model = build_offline_model(tokenizer, hidden_size=args.hidden_size, num_layers=args.layers, num_heads=args.heads,
+                                seed=seed)
     start = time.time()
     model = train_recommender(model, tokenizer, samples, dense_dir.parent / "trainer", epochs=args.epochs,
-                              learning_rate=2e-3, batch_size=64, seed=seed, disable_tqdm=True).eval()
+                              learning_rate=args.lr, batch_size=args.batch_size, seed=seed, disable_tqdm=True).eval()
     print(f"seed {seed}: trained in {time.time() - start:.0f}s", flush=True)
     model.save_pretrained(dense_dir)
     tokenizer.save_pretrained(dense_dir)
     index.save(dense_dir)
-    return model, encoder, tokenizer
+    return model.to(args.device), encoder, tokenizer
 
 
 def mean_se(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), statistics.stdev(values) / math.sqrt(len(values))
+    return statistics.fmean(values), (statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0)
 
 
-def variant_config(ratio: float, bits: int | None, quantizer: str, args: argparse.Namespace) -> ODLLMConfig:
+def variant_config(ratio: float, overrides: dict[str, Any], args: argparse.Namespace) -> ODLLMConfig:
     return ODLLMConfig(ratio=ratio, rank_multiple=8, num_calibration_samples=args.calibration_samples,
-                       min_calibration_tokens=16, factor_bits=bits, factor_quantizer=quantizer)
+                       min_calibration_tokens=16, factor_group_size=GROUP_SIZE, **overrides)
 
 
 def calibration_of(seed: int, encoder: InstructionEncoder, split, args: argparse.Namespace) -> list[list[int]]:
@@ -117,104 +151,163 @@ def calibration_of(seed: int, encoder: InstructionEncoder, split, args: argparse
     return [encoder.prompt_ids(PACKED_SEQREC_TEMPLATE, c) for c in rng.sample(chunks, args.calibration_samples)]
 
 
-def recount_bytes(args: argparse.Namespace, data, split) -> None:
-    """Recompute ``bytes_vs_bf16`` of an existing result file (compression only, no evaluation)."""
-    result = json.loads(Path(args.json).read_text())
-    per_seed = {int(k): v for k, v in result["per_seed"].items()}
-    for seed in per_seed:
-        model, encoder, tokenizer = train_or_load(seed, args, data, split)
-        calibration = calibration_of(seed, encoder, split, args)
-        for name, bits, quantizer in VARIANTS:
-            for ratio in args.ratios:
-                cfg = variant_config(ratio, bits, quantizer, args)
-                compressed = ODLLMCompressor.from_pretrained(copy.deepcopy(model), config=cfg).compress(calibration)
-                stored, dense = decoder_linear_bytes(compressed)
-                per_seed[seed][f"{name}@{ratio:g}"]["bytes_vs_bf16"] = round(stored / dense, 4)
-    report(per_seed, argparse.Namespace(**{**result["args"], "json": args.json}), result["eval_users"])
+def build_variant(name: str, ratio: float, model: nn.Module, tokenizer, calibration, args) -> tuple[nn.Module, tuple[int, int]]:
+    """The compressed (or GPTQ-quantized) copy of ``model`` and its (stored, dense 16-bit) decoder bytes."""
+    spec = VARIANTS[name]
+    if isinstance(spec, tuple):
+        quantized = copy.deepcopy(model)
+        gptq_dense_fake_quantize(quantized, calibration, spec[1], GROUP_SIZE)
+        return quantized, decoder_linear_bytes(quantized, dense_bits=spec[1])
+    cfg = variant_config(ratio, spec, args)
+    compressed = ODLLMCompressor.from_pretrained(copy.deepcopy(model), config=cfg, tokenizer=tokenizer).compress(
+        calibration, device=args.device)
+    return compressed, decoder_linear_bytes(compressed)
 
 
-def run_seed(seed: int, args: argparse.Namespace, data, split, test) -> dict[str, Any]:
-    model, encoder, tokenizer = train_or_load(seed, args, data, split)
-    if args.train_only:
-        return {}
-    calibration = calibration_of(seed, encoder, split, args)
-
-    def evaluate(m: nn.Module) -> list[float]:
-        return evaluate_per_user(m, encoder, test, PACKED_SEQREC_TEMPLATE, num_beams=20, progress=False,
-                                 train=split.train, exclude_history=True)[METRIC]
-
-    start = time.time()
-    per_user = {"dense": evaluate(model)}
-    out: dict[str, Any] = {"dense": {"eval_s": round(time.time() - start, 1), "bytes_vs_bf16": 1.0}}
-    for name, bits, quantizer in VARIANTS:
-        for ratio in args.ratios:
-            label = f"{name}@{ratio:g}"
-            cfg = variant_config(ratio, bits, quantizer, args)
-            start = time.time()
-            compressed = ODLLMCompressor.from_pretrained(copy.deepcopy(model), config=cfg, tokenizer=tokenizer).compress(calibration)
-            compress_s = time.time() - start
-            stored, dense = decoder_linear_bytes(compressed)
-            start = time.time()
-            per_user[label] = evaluate(compressed)
-            out[label] = {"ratio": ratio, "factor_bits": bits, "factor_quantizer": quantizer if bits else None,
-                          "bytes_vs_bf16": round(stored / dense, 4), "compress_s": round(compress_s, 1),
-                          "eval_s": round(time.time() - start, 1)}
-            print(f"seed {seed} {label}: {METRIC} {statistics.fmean(per_user[label]):.4f} "
-                  f"(dense {statistics.fmean(per_user['dense']):.4f}), bytes {stored / dense:.3f}", flush=True)
-    dense_mean = statistics.fmean(per_user["dense"])
-    for label, values in per_user.items():
-        m, se = mean_se(values)
-        diff_m, diff_se = mean_se([v - d for v, d in zip(values, per_user["dense"])])
-        out[label].update({METRIC: m, f"{METRIC}_se": se, "kept": (dense_mean + diff_m) / dense_mean,
-                           "kept_se_paired": diff_se / dense_mean})
-    out["per_user"] = per_user
+def labels_to_run(args: argparse.Namespace) -> list[tuple[str, str, float]]:
+    """(label, variant, ratio) in run order; GPTQ baselines once (no ratio), RTN ablations at --rtn-ratios."""
+    out = []
+    for name in [v.strip() for v in args.variants.split(",") if v.strip()]:
+        if name not in VARIANTS:
+            raise SystemExit(f"error: unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
+        if isinstance(VARIANTS[name], tuple):
+            out.append((name, name, 1.0))
+            continue
+        ratios = args.rtn_ratios if name.endswith("rtn") else args.ratios
+        out.extend((f"{name}@{r:g}", name, r) for r in ratios)
     return out
 
 
-def main() -> None:
+def summarize_label(values: list[float], dense_values: list[float]) -> dict[str, float]:
+    """Mean ± s.e. over users, and "kept" = variant / dense with the paired s.e. (dense mean 0: NaN)."""
+    dense_mean = statistics.fmean(dense_values) or float("nan")  # an untrained smoke-test model ranks nothing
+    m, se = mean_se(values)
+    diff_m, diff_se = mean_se([v - d for v, d in zip(values, dense_values)])
+    return {METRIC: m, f"{METRIC}_se": se, "kept": (dense_mean + diff_m) / dense_mean, "kept_se_paired": diff_se / dense_mean}
+
+
+def run_seed(seed: int, args: argparse.Namespace, data, split, test, checkpoint=lambda out: None) -> dict[str, Any]:
+    """Every label of one seed; ``checkpoint(out)`` is called after each, so a run cut short keeps what it did."""
+    model, encoder, tokenizer = train_or_load(seed, args, data, split)
+
+    def evaluate(m: nn.Module, examples=test, masked: bool = True) -> dict[str, list[float]]:
+        return evaluate_per_user(m, encoder, examples, PACKED_SEQREC_TEMPLATE, num_beams=20, progress=False,
+                                 train=split.train, exclude_history=masked)
+
+    validation = {k: mean_se(v) for k, v in evaluate(model, split.valid).items()}
+    out: dict[str, Any] = {"dense": {"bytes_vs_bf16": 1.0, "validation": validation}}
+    print(f"seed {seed} dense: {METRIC} validation {validation[METRIC][0]:.4f}", flush=True)
+    if args.train_only:
+        return out
+    calibration = calibration_of(seed, encoder, split, args)
+    unmasked = {u.strip() for u in args.unmasked.split(",") if u.strip()}
+    start = time.time()
+    dense_metrics = evaluate(model)
+    out["dense"].update(eval_s=round(time.time() - start, 1), metrics={k: mean_se(v) for k, v in dense_metrics.items()},
+                        **summarize_label(dense_metrics[METRIC], dense_metrics[METRIC]))
+    if "dense" in unmasked:
+        out["dense"]["unmasked"] = {k: mean_se(v) for k, v in evaluate(model, masked=False).items()}
+    out["per_user"] = {"dense": dense_metrics[METRIC]}
+    print(f"seed {seed} dense: {METRIC} test {out['dense'][METRIC]:.4f}", flush=True)
+    checkpoint(out)
+    for label, name, ratio in labels_to_run(args):
+        start = time.time()
+        compressed, (stored, dense) = build_variant(name, ratio, model, tokenizer, calibration, args)
+        compress_s = time.time() - start
+        start = time.time()
+        metrics = evaluate(compressed)
+        out[label] = {"variant": name, "ratio": ratio, "bytes_vs_bf16": round(stored / dense, 4),
+                      "compress_s": round(compress_s, 1), "eval_s": round(time.time() - start, 1),
+                      "metrics": {k: mean_se(v) for k, v in metrics.items()},
+                      **summarize_label(metrics[METRIC], dense_metrics[METRIC])}
+        if label in unmasked:
+            out[label]["unmasked"] = {k: mean_se(v) for k, v in evaluate(compressed, masked=False).items()}
+        out["per_user"][label] = metrics[METRIC]
+        print(f"seed {seed} {label}: {METRIC} {out[label][METRIC]:.4f} (dense {out['dense'][METRIC]:.4f}), "
+              f"kept {out[label]['kept']:.1%}, bytes {stored / dense:.3f}", flush=True)
+        del compressed
+        checkpoint(out)
+    return out
+
+
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.5])
+    parser.add_argument("--rtn-ratios", type=float, nargs="+", default=[0.5], help="ratios of the *rtn ablations")
+    parser.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"comma-separated, from: {', '.join(VARIANTS)}")
+    parser.add_argument("--unmasked", default="dense,odllm@0.5,odllm@0.3",
+                        help="labels also evaluated without excluding seen items")
     parser.add_argument("--out-dir", default="runs/quant-recsys")
     parser.add_argument("--json", default="benchmarks/results/quantized_recsys_cpu.json")
     parser.add_argument("--epochs", type=float, default=6, help="dense training epochs (the example's default: 6)")
     parser.add_argument("--hidden-size", type=int, default=256)
     parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--calibration-samples", type=int, default=256)
     parser.add_argument("--max-eval-users", type=int, default=None, help="default: all test users")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--train-only", action="store_true")
-    parser.add_argument("--recount-bytes", action="store_true",
-                        help="only recompute the bytes column of an existing --json (compression, no evaluation)")
-    args = parser.parse_args()
+    parser.add_argument("--train-only", action="store_true", help="train (or load) and evaluate on validation users only")
+    parser.add_argument("--merge", nargs="+", default=None, help="combine the per-seed results of these JSON files")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.merge:
+        files = [json.loads(Path(f).read_text()) for f in args.merge]
+        return report(merge_seeds([f["per_seed"] for f in files]),
+                      argparse.Namespace(**{**files[0]["args"], "json": args.json}), files[0]["eval_users"])
     torch.set_num_threads(args.threads)
     data = load_movielens_100k(None)
     split = leave_one_out(data.sequences, history=20)
     test = split.test[: args.max_eval_users] if args.max_eval_users else split.test
-    if args.recount_bytes:
-        return recount_bytes(args, data, split)
-    per_seed = {}
+    per_seed: dict[int, dict[str, Any]] = {}
     for seed in args.seeds:
-        per_seed[seed] = run_seed(seed, args, data, split, test)
-        if not args.train_only:
-            report(per_seed, args, len(test))  # after every seed, so an interrupted run keeps what it finished
+        def checkpoint(out: dict[str, Any], seed: int = seed) -> None:
+            per_seed[seed] = out
+            report(per_seed, args, len(test), quiet=True)
+
+        per_seed[seed] = run_seed(seed, args, data, split, test, checkpoint)
+        report(per_seed, args, len(test))
 
 
-def report(per_seed: dict[int, dict[str, Any]], args: argparse.Namespace, eval_users: int) -> None:
+def merge_seeds(parts: list[dict[str, dict[str, Any]]]) -> dict[int, dict[str, Any]]:
+    """Union of the labels of several runs per seed (processes that split the variants of one saved dense
+    model); the first run's dense entry is kept."""
+    merged: dict[int, dict[str, Any]] = {}
+    for part in parts:
+        for seed, labels in part.items():
+            into = merged.setdefault(int(seed), {"per_user": {}})
+            for label, value in labels.items():
+                if label == "per_user":
+                    for name, values in value.items():
+                        into["per_user"].setdefault(name, values)
+                else:
+                    into.setdefault(label, value)
+    return merged
+
+
+def report(per_seed: dict[int, dict[str, Any]], args: argparse.Namespace, eval_users: int, quiet: bool = False) -> None:
+    """Table over seeds (labels every seed has) to stdout unless ``quiet``; everything to ``args.json``."""
     seeds = sorted(per_seed)
     rows = []
     for label in per_seed[seeds[0]]:
-        if label == "per_user":
+        if label == "per_user" or any(label not in per_seed[s] or "kept" not in per_seed[s][label] for s in seeds):
             continue
         cells = [per_seed[s][label] for s in seeds]
         kept = [c["kept"] for c in cells]
+        kept_m, kept_se = mean_se(kept)
         row = {"model": label, "bytes vs bf16": f"{cells[0]['bytes_vs_bf16']:.3f}",
                "NDCG@10 per seed (mean ± SE over users)": "; ".join(f"{c[METRIC]:.4f} ± {c[METRIC + '_se']:.4f}" for c in cells),
                "kept per seed (± paired SE)": "; ".join(f"{c['kept']:.1%} ± {c['kept_se_paired']:.1%}" for c in cells),
-               "kept, mean over seeds": f"{statistics.fmean(kept):.1%}"
-               + (f" ± {statistics.stdev(kept) / math.sqrt(len(kept)):.1%}" if len(kept) > 1 else "")}
+               "kept, mean over seeds": f"{kept_m:.1%}" + (f" ± {kept_se:.1%}" if len(kept) > 1 else "")}
         rows.append(row)
-    print(markdown_table(rows, list(rows[0])))
+    if rows and not quiet:
+        print(markdown_table(rows, list(rows[0])))
     write_json(args.json, {"machine": machine_info(), "args": vars(args), "seeds_done": seeds,
                            "eval_users": eval_users, "rows": rows, "per_seed": per_seed})
 

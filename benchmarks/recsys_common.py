@@ -194,6 +194,53 @@ def fisher_row_importance(model: nn.Module, calibration: Sequence[Sequence[int]]
     return acc
 
 
+@torch.no_grad()
+def gptq_dense_fake_quantize(model: nn.Module, calibration: Sequence[Sequence[int]], bits: int,
+                             group_size: int = 128, damping: float = 0.01) -> None:
+    """In place: GPTQ baseline on the *dense* decoder linears (every weight replaced by its dequantized codes).
+
+    Sequential like GPTQ/gptqmodel: layer by layer, the input covariance of each linear is collected with the
+    layers before it already quantized, then every linear of the layer is quantized with the library's GPTQ
+    solver (``optimum_odllm.quantization.quantize_weight``: asymmetric, ``group_size`` columns per
+    bfloat16 scale and zero; 3 bits on the same grid with 8 levels). Stored size: ``bits + 32 / group_size``
+    bits per weight (:func:`grouped_storage_bits_per_weight`).
+    """
+    from optimum_odllm.quantization import dequantize, quantize_weight
+    from optimum_odllm.quantization.gptq import effective_group_size
+
+    device = next(model.parameters()).device
+    layers = sorted({n.split(".layers.")[0] + ".layers." + n.split(".layers.")[1].split(".")[0]
+                     for n in decoder_linears(model)}, key=lambda n: int(n.rsplit(".", 1)[1]))
+    for layer in layers:
+        targets = {n: m for n, m in decoder_linears(model).items() if n.startswith(layer + ".")}
+        hessians = {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64, device=device)
+                    for n, m in targets.items()}
+
+        def make_hook(n: str):
+            def hook(mod, args) -> None:
+                x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+                hessians[n].add_(x.T @ x)
+            return hook
+
+        hooks = [m.register_forward_pre_hook(make_hook(n)) for n, m in targets.items()]
+        try:
+            for ids in _batches_by_length(calibration):
+                model(input_ids=ids.to(device), use_cache=False)
+        finally:
+            for h in hooks:
+                h.remove()
+        for n, m in targets.items():
+            group = effective_group_size(m.in_features, group_size) if bits != 8 else None
+            q = quantize_weight(m.weight.detach(), hessians[n], bits, group, "gptq", damping)
+            m.weight.copy_(dequantize(q, m.weight.dtype))
+
+
+def grouped_storage_bits_per_weight(bits: int, group_size: int = 128) -> float:
+    """Bits per weight of this library's grid: ``bits`` codes plus a bfloat16 scale and zero per group (int8:
+    one bfloat16 scale per row, counted by the caller)."""
+    return bits + 32 / group_size
+
+
 def _write(model: nn.Module, name: str, module: nn.Linear, up: torch.Tensor, down: torch.Tensor) -> None:
     from optimum_odllm.lowrank import LowRankLinear, set_submodule
 

@@ -76,3 +76,38 @@ def test_activation_scales_and_fisher_shapes():
 
 def test_gptq_bits_accounting():
     assert rc.gptq_storage_bits_per_weight(128) == pytest.approx(4 + 16 / 128 + 4 / 128)
+
+
+def test_gptq_dense_baseline_layer0_equals_solver_on_its_inputs():
+    """Layer 0 sees the dense embeddings whatever happens later, so its quantized weights must equal the GPTQ
+    solver applied to an independently collected input covariance; every row group holds at most 2**bits codes."""
+    from optimum_odllm.quantization import dequantize, quantize_weight
+
+    model = tiny_llama(seed=1)
+    calibration = [[(3 * k + j) % 64 for j in range(12)] for k in range(6)]
+    q = model.model.layers[0].self_attn.q_proj
+    seen = []
+    handle = q.register_forward_pre_hook(lambda mod, args: seen.append(args[0].reshape(-1, 32).double()) or None)
+    with torch.no_grad():
+        for ids in calibration:
+            model(input_ids=torch.tensor([ids]), use_cache=False)
+    handle.remove()
+    x = torch.cat(seen)
+    expected = dequantize(quantize_weight(q.weight.detach(), x.T @ x, 3, 32, "gptq"), q.weight.dtype)
+    rc.gptq_dense_fake_quantize(model, calibration, bits=3, group_size=128)  # g128 shrinks to the 32-wide input
+    assert torch.equal(q.weight, expected)
+    for m in rc.decoder_linears(model).values():
+        assert max(len(torch.unique(row)) for row in m.weight.detach()) <= 2 ** 3
+
+
+def test_spectrum_allocation_keeps_budget_and_favours_flat_spectra():
+    ra = pytest.importorskip("rank_allocation")
+    from optimum_odllm.ranks import ModuleShape, allocate_ranks, kept_parameters
+
+    shapes = [ModuleShape("peaked", 256, 256), ModuleShape("flat", 256, 256)]
+    energies = {"peaked": [100.0] * 8 + [0.01] * 248, "flat": [1.0] * 256}
+    ranks = ra.allocate_by_spectrum(shapes, energies, 0.5, 8)
+    uniform = allocate_ranks(shapes, 0.5, 8)
+    assert kept_parameters(shapes, ranks) <= 0.5 * 2 * 256 * 256
+    assert ranks["flat"] > uniform["flat"] and ranks["peaked"] == uniform["peaked"] // 2  # the floor
+    assert ranks["flat"] % 8 == 0 and ranks["peaked"] % 8 == 0

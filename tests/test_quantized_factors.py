@@ -60,6 +60,24 @@ def test_rtn_int4_hand_example():
     assert q.scales.tolist() == [[1.0]] and q.zeros.tolist() == [[8.0]]
 
 
+def test_rtn_int3_hand_example_and_fewer_bits_cost_accuracy():
+    # group [0, 7, 3.4, 1.6]: 8 levels centred on 4 -> scale 1, zero 4 (exact in bf16); codes = round(w - 4) + 4
+    w = torch.tensor([[0.0, 7.0, 3.4, 1.6]])
+    q = quantize_weight(w, None, 3, group_size=4, method="rtn")
+    assert q.qweight.tolist() == [[0, 7, 3, 2]] and q.bits == 3
+    assert q.scales.tolist() == [[1.0]] and q.zeros.tolist() == [[4.0]]
+    assert dequantize(q).tolist() == [[0.0, 7.0, 3.0, 2.0]]
+    cov = correlated_covariance(256, 5)
+    weight = random_weight(64, 256, seed=9)
+    errors = [output_error(weight, dequantize(quantize_weight(weight, cov, b, 128, "gptq")), cov) for b in (8, 4, 3, 2)]
+    assert errors == sorted(errors)  # each bit removed costs accuracy
+
+
+def test_three_bit_codes_have_no_storage_format():
+    with pytest.raises(ValueError, match="bits must be 8 or 4"):
+        QuantizedFactor(256, 64, 3, 128)
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 def test_rtn_matches_round_reference_and_half_step_bound(bits):
     w = random_weight(48, 256, seed=3) * torch.linspace(0.01, 3.0, 48)[:, None]
@@ -82,7 +100,7 @@ def test_rtn_matches_round_reference_and_half_step_bound(bits):
     assert (err <= s / 2 * (1 + 1e-6)).all()
 
 
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bits", [8, 4, 3])
 def test_gptq_beats_rtn_on_correlated_inputs(bits):
     ratios = []
     for seed in range(4):
@@ -95,7 +113,7 @@ def test_gptq_beats_rtn_on_correlated_inputs(bits):
     assert sum(ratios) / len(ratios) < 0.9  # strict improvement on average, not a tie
 
 
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bits", [8, 4, 3, 2])
 def test_gptq_with_identity_covariance_is_rtn(bits):
     # with H = I no error can be moved to other columns, so GPTQ must reduce to plain rounding
     w = random_weight(32, 256, seed=7)
@@ -104,11 +122,11 @@ def test_gptq_with_identity_covariance_is_rtn(bits):
     assert torch.equal(a.qweight, b.qweight) and torch.equal(a.scales, b.scales)
 
 
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bits", [8, 4, 3, 2])
 def test_gptq_codes_in_range(bits):
     cov = correlated_covariance(128, 0)
     q = quantize_weight(random_weight(40, 128, 1) * 5, cov, bits, 64, "gptq")
-    lo, hi, dtype = (-127, 127, torch.int8) if bits == 8 else (0, 15, torch.uint8)
+    lo, hi, dtype = (-127, 127, torch.int8) if bits == 8 else (0, 2**bits - 1, torch.uint8)
     assert q.qweight.dtype == dtype and q.qweight.min() >= lo and q.qweight.max() <= hi
     assert torch.isfinite(q.scales).all() and (q.scales > 0).all()
 
@@ -130,7 +148,7 @@ def test_nan_inf_and_bad_arguments_raise():
     with pytest.raises(ValueError, match="rtn"):
         quantize_weight(w, None, 8, method="gptq")
     with pytest.raises(ValueError, match="bits"):
-        quantize_weight(w, None, 3, method="rtn")
+        quantize_weight(w, None, 5, method="rtn")
 
 
 def test_lowrank_factors_use_dequantized_down_for_up():
@@ -237,6 +255,16 @@ def test_dequantize_returns_exact_lowrank_and_lora_refusal():
     dequantize_model(model)
     assert isinstance(model[0], LowRankLinear)
     refuse_lora_on_quantized(model)  # no longer raises
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_asking_another_layout_keeps_the_one_in_use(bits):
+    # A CUDA graph captured through the bf16 layout keeps reading its tensors: asking the same factor for another
+    # (device, dtype) layout - `.kernel` asks for float32, int8 on CUDA keeps float32 - must not free them.
+    factor = make_quantized(bits, seed=6).down
+    in_use = factor.prepared(torch.device("cpu"), torch.bfloat16)
+    factor.prepared(torch.device("cuda"), torch.float32)  # layouts are built where the buffers are: runs on CPU too
+    assert factor.prepared(torch.device("cpu"), torch.bfloat16) is in_use
 
 
 def test_reloaded_weights_invalidate_prepared_kernel_layout():

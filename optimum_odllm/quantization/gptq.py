@@ -10,6 +10,8 @@ Grid conventions are the ones the integer kernels consume, so what is stored is 
 - ``bits=8``: symmetric per output row, ``w = q * scale`` with ``q`` in [-127, 127] (int8), ``scale [out]``.
 - ``bits=4``: asymmetric per group of ``group_size`` input columns, ``w = (q - 8) * scale + zero`` with ``q`` in
   [0, 15] (uint8), ``scale, zero [out, in / group_size]``: the "tinygemm" layout of aten's int4 kernels.
+- ``bits=3`` / ``bits=2``: the same group-wise grid with ``2**bits`` levels centred on ``2**(bits-1)``. No
+  kernel or storage format takes them: they exist to *simulate* 3-/2-bit GPTQ baselines (``dequantize``).
 
 Scales and zeros are chosen, then rounded to ``bfloat16`` (the kernels' dtype), and only then are codes
 computed against the rounded values, so ``dequantize`` reproduces the kernel's weights exactly.
@@ -24,10 +26,8 @@ import torch
 
 SCALE_DTYPE = torch.bfloat16
 INT8_QMAX = 127
-INT4_LEVELS = 15  # codes 0..15, centred on 8
-INT4_CENTER = 8
 GPTQ_BLOCK = 128
-SUPPORTED_BITS = (8, 4)
+SUPPORTED_BITS = (8, 4, 3, 2)  # 8 and 4 are stored and run by kernels; 3 and 2 are simulation only
 SUPPORTED_METHODS = ("gptq", "rtn")
 
 
@@ -35,7 +35,7 @@ SUPPORTED_METHODS = ("gptq", "rtn")
 class QuantizedWeight:
     """Integer codes plus the per-row (int8) or per-group (int4) parameters that map them back to floats."""
 
-    qweight: torch.Tensor  # int8 [out, in] (bits 8) or uint8 [out, in] codes in 0..15 (bits 4), unpacked
+    qweight: torch.Tensor  # int8 [out, in] (bits 8) or uint8 [out, in] codes in 0..2**bits-1 (bits <= 4), unpacked
     scales: torch.Tensor  # bfloat16 [out] (bits 8) or [out, in // group_size] (bits 4)
     zeros: torch.Tensor | None  # bfloat16 [out, in // group_size] (bits 4), None for bits 8
     bits: int
@@ -69,7 +69,7 @@ def _check_args(weight: torch.Tensor, bits: int, group_size: int | None, method:
     group_size = group_size or in_features
     if group_size % 2 or in_features % group_size:
         raise ValueError(
-            f"int4 group_size={group_size} must be even and divide in_features={in_features}; "
+            f"int{bits} group_size={group_size} must be even and divide in_features={in_features}; "
             "pick a group size that divides it (ranks are multiples of rank_multiple, so group_size <= rank_multiple works)."
         )
     return group_size
@@ -108,19 +108,26 @@ def int8_row_scales(weight: torch.Tensor) -> torch.Tensor:
     return _round_up_to_scale_dtype(torch.maximum(absmax / INT8_QMAX, _tiny(absmax)))
 
 
-def int4_group_params(group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Asymmetric scale and zero of one column group ``[out, g]`` on the tinygemm grid ``(q - 8) * s + z``.
+def group_grid(bits: int) -> tuple[int, int]:
+    """(highest code, centre code) of the asymmetric group-wise grid of ``bits`` <= 4: (15, 8) for int4."""
+    return 2 ** bits - 1, 2 ** (bits - 1)
+
+
+def int4_group_params(group: torch.Tensor, bits: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric scale and zero of one column group ``[out, g]`` on the tinygemm grid ``(q - 8) * s + z``
+    (``bits`` < 4: the same grid with fewer levels, see :func:`group_grid`).
 
     The zero is rounded to bfloat16 first and the scale is then widened so that ``[z - 8 s, z + 7 s]`` still
     covers the group's range: a group far from zero (where bfloat16 cannot hold the ideal zero) loses
     resolution, but is never clipped.
     """
+    levels, center = group_grid(bits)
     low = group.amin(dim=1).float()
     high = group.amax(dim=1).float()
-    ideal = torch.maximum((high - low) / INT4_LEVELS, _tiny(low))
-    zero = (low + INT4_CENTER * ideal).to(SCALE_DTYPE)
+    ideal = torch.maximum((high - low) / levels, _tiny(low))
+    zero = (low + center * ideal).to(SCALE_DTYPE)
     zf = zero.float()
-    needed = torch.maximum((high - zf) / (INT4_LEVELS - INT4_CENTER), (zf - low) / INT4_CENTER)
+    needed = torch.maximum((high - zf) / (levels - center), (zf - low) / center)
     scale = _round_up_to_scale_dtype(torch.maximum(torch.maximum(needed, ideal), _tiny(low)))
     return scale, zero
 
@@ -131,21 +138,22 @@ def quantize_to_codes(
     """Nearest grid code of ``column`` (any shape broadcasting with ``scale``), as float values of the codes."""
     if bits == 8:
         return torch.clamp(torch.round(column / scale.float()), -INT8_QMAX, INT8_QMAX)
-    return torch.clamp(torch.round((column - zero.float()) / scale.float()) + INT4_CENTER, 0, INT4_LEVELS)
+    levels, center = group_grid(bits)
+    return torch.clamp(torch.round((column - zero.float()) / scale.float()) + center, 0, levels)
 
 
 def codes_to_values(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int) -> torch.Tensor:
     """Float weight values of ``codes`` (inverse of :func:`quantize_to_codes` on the grid)."""
     if bits == 8:
         return codes * scale.float()
-    return (codes - INT4_CENTER) * scale.float() + zero.float()
+    return (codes - group_grid(bits)[1]) * scale.float() + zero.float()
 
 
 def _pack_result(codes: torch.Tensor, scales: list | torch.Tensor, zeros: list | None, bits: int,
                  group_size: int | None) -> QuantizedWeight:
     if bits == 8:
         return QuantizedWeight(codes.to(torch.int8), scales, None, 8, None)
-    return QuantizedWeight(codes.to(torch.uint8), torch.stack(scales, 1), torch.stack(zeros, 1), 4, group_size)
+    return QuantizedWeight(codes.to(torch.uint8), torch.stack(scales, 1), torch.stack(zeros, 1), bits, group_size)
 
 
 def _rtn(weight: torch.Tensor, bits: int, group_size: int | None) -> QuantizedWeight:
@@ -157,10 +165,10 @@ def _rtn(weight: torch.Tensor, bits: int, group_size: int | None) -> QuantizedWe
     scales, zeros, codes = [], [], []
     for start in range(0, w.shape[1], group_size):
         group = w[:, start:start + group_size]
-        scale, zero = int4_group_params(group)
+        scale, zero = int4_group_params(group, bits)
         scales.append(scale), zeros.append(zero)
-        codes.append(quantize_to_codes(group, scale[:, None], zero[:, None], 4))
-    return _pack_result(torch.cat(codes, 1), scales, zeros, 4, group_size)
+        codes.append(quantize_to_codes(group, scale[:, None], zero[:, None], bits))
+    return _pack_result(torch.cat(codes, 1), scales, zeros, bits, group_size)
 
 
 def inverse_cholesky_upper(hessian: torch.Tensor, damping: float) -> torch.Tensor:
@@ -206,7 +214,7 @@ def _gptq(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: in
         if bits == 8:
             scale, zero = row_scale.to(torch.float64), None
         else:
-            scale, zero = int4_group_params(wb)
+            scale, zero = int4_group_params(wb, bits)
             scales.append(scale), zeros.append(zero)
         for j in range(stop - start):
             col = wb[:, j]
@@ -218,20 +226,21 @@ def _gptq(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: in
         w[:, stop:] -= errors @ u[start:stop, stop:]
     if bits == 8:
         return _pack_result(codes, row_scale, None, 8, None)
-    return _pack_result(codes, scales, zeros, 4, group_size)
+    return _pack_result(codes, scales, zeros, bits, group_size)
 
 
 def quantize_weight(
     weight: torch.Tensor,
     hessian: torch.Tensor | None,
-    bits: Literal[8, 4],
+    bits: Literal[8, 4, 3, 2],
     group_size: int | None = 128,
     method: Literal["gptq", "rtn"] = "gptq",
     damping: float = 0.01,
 ) -> QuantizedWeight:
     """Quantize ``weight [out, in]`` to ``bits``; ``hessian [in, in]`` is its input covariance (needed for GPTQ).
 
-    ``group_size`` applies to int4 only (int8 is per output row). ``damping`` is GPTQ's fraction of the mean
+    ``group_size`` applies to bits <= 4 only (int8 is per output row); 3 and 2 bits can only be dequantized
+    (no storage format or kernel), for simulated baselines. ``damping`` is GPTQ's fraction of the mean
     covariance diagonal added before inversion. NaN/Inf in either input raises.
     """
     group_size = _check_args(weight, bits, group_size, method)
@@ -255,7 +264,7 @@ def dequantize(qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch
         return codes_to_values(codes, qw.scales[:, None], None, 8).to(dtype)
     scale = qw.scales.repeat_interleave(qw.group_size, dim=1)
     zero = qw.zeros.repeat_interleave(qw.group_size, dim=1)
-    return codes_to_values(codes, scale, zero, 4).to(dtype)
+    return codes_to_values(codes, scale, zero, qw.bits).to(dtype)
 
 
 def up_covariance(down: torch.Tensor, covariance: torch.Tensor) -> torch.Tensor:
@@ -268,7 +277,7 @@ def quantize_lowrank_factors(
     up: torch.Tensor,
     down: torch.Tensor,
     covariance: torch.Tensor | None,
-    bits: Literal[8, 4],
+    bits: Literal[8, 4, 3, 2],
     group_size: int | None = 128,
     method: Literal["gptq", "rtn"] = "gptq",
     damping: float = 0.01,
@@ -276,13 +285,13 @@ def quantize_lowrank_factors(
     """Quantize ``down [r, in]`` against ``C`` then ``up [out, r]`` against ``deq(down) C deq(down)^T``.
 
     ``up`` is compensated for the rounding of ``down`` too, because its covariance is built from the
-    dequantized ``down``. ``covariance`` may be None only with ``method='rtn'``. For int4 each factor uses
+    dequantized ``down``. ``covariance`` may be None only with ``method='rtn'``. For bits <= 4 each factor uses
     :func:`effective_group_size` of its own input width.
     """
     if up.shape[1] != down.shape[0]:
         raise ValueError(f"up {tuple(up.shape)} and down {tuple(down.shape)} do not share a rank")
-    g_down = effective_group_size(down.shape[1], group_size) if bits == 4 else None
-    g_up = effective_group_size(up.shape[1], group_size) if bits == 4 else None
+    g_down = effective_group_size(down.shape[1], group_size) if bits != 8 else None
+    g_up = effective_group_size(up.shape[1], group_size) if bits != 8 else None
     q_down = quantize_weight(down, covariance, bits, g_down, method, damping)
     h_up = None if covariance is None else up_covariance(dequantize(q_down, torch.float64), covariance)
     q_up = quantize_weight(up, h_up, bits, g_up, method, damping)

@@ -53,6 +53,7 @@ class QuantizedFactor(nn.Module):
         else:
             self.register_parameter("bias", None)
         self._prepared: dict[tuple, kernels.PreparedWeight] = {}
+        self._prepared_for: tuple = ()
 
     @classmethod
     def from_quantized(cls, qw: QuantizedWeight, bias: torch.Tensor | None = None) -> "QuantizedFactor":
@@ -74,16 +75,22 @@ class QuantizedFactor(nn.Module):
         return kernels.dequantize_storage(self.qweight, self.scales, self.zeros, self.bits, self.group_size, dtype)
 
     def prepared(self, device: torch.device, x_dtype: torch.dtype) -> kernels.PreparedWeight:
-        """Kernel layout for this device and activation dtype, rebuilt when the stored buffers change."""
+        """Kernel layout for this device and activation dtype, rebuilt when the stored buffers change.
+
+        One layout is kept per (device, compute dtype): asking for another one (e.g. ``.kernel``, which asks for
+        float32) must not free a layout that a captured CUDA graph still reads. All layouts are dropped together
+        only when the stored buffers change (reloaded weights), which invalidates such graphs anyway.
+        """
         compute = kernels.compute_dtype_for(x_dtype, device, self.bits)
         stored = [t for t in (self.qweight, self.scales, self.zeros) if t is not None]
-        key = (device, compute, *((t.data_ptr(), t._version, t.dtype) for t in stored))
-        entry = self._prepared.get(key)
+        signature = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in stored)
+        if signature != self._prepared_for:
+            self._prepared, self._prepared_for = {}, signature  # reloaded or moved weights: every layout is stale
+        entry = self._prepared.get((device, compute))
         if entry is None:
-            self._prepared = {}  # stale layouts (old device, reloaded weights) are dropped, not accumulated
             entry = kernels.prepare(self.qweight, self.scales, self.zeros, self.bits, self.group_size,
                                     self.in_features, compute)
-            self._prepared[key] = entry
+            self._prepared[(device, compute)] = entry
         return entry
 
     @property

@@ -251,3 +251,14 @@ def test_export_into_a_directory_with_files_keeps_them_and_refuses_the_model_dir
     (out / "notes.txt").write_text("keep me")
     export_onnx(model_dir, out)
     assert (out / "notes.txt").read_text() == "keep me" and (out / "model.onnx").is_file()
+
+
+def test_export_refuses_a_broken_item_index_and_writes_nothing(tmp_path):
+    # exports run the same artifact hooks as saves: a corrupt item_index.json beside the model is refused
+    model_dir = tmp_path / "odllm"
+    compressed("llama").save_pretrained(model_dir)
+    (model_dir / "item_index.json").write_text("{not json")
+    out = tmp_path / "onnx"
+    with pytest.raises(ValueError, match="item_index.json"):
+        export_onnx(model_dir, out)
+    assert not out.exists() or not any(out.iterdir())

@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..extensions import collect_artifacts
+
 
 METADATA_FILE = "odllm_export.json"
 ITEM_INDEX_FILE = "item_index.json"  # same name as optimum_odllm.recsys.INDEX_FILE (not imported: no recsys deps)
@@ -207,8 +209,11 @@ def write_sidecars(model: nn.Module, source: Path | None, output_dir: Path, toke
                 shutil.copyfile(source / name, output_dir / name)
     if item_index is None and source is not None and (source / ITEM_INDEX_FILE).is_file():
         item_index = source / ITEM_INDEX_FILE
-    if item_index is not None:
-        shutil.copyfile(item_index, output_dir / ITEM_INDEX_FILE)
+    declared = {} if item_index is None else {ITEM_INDEX_FILE: Path(item_index)}
+    vocab_size = getattr(model.config, "vocab_size", None)
+    # the same artifact hooks as a save: a broken or mismatched item index is refused, plugins' files ship too
+    for name, path in collect_artifacts(str(source) if source else None, declared, tokenizer, vocab_size).items():
+        shutil.copyfile(path, output_dir / name)
     layout = CacheLayout.from_config(model.config)
     info = {"layout": asdict(layout), "input_names": layout.input_names, "output_names": layout.output_names,
             **metadata}

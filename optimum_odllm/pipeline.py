@@ -58,8 +58,16 @@ class StageTimer:
 
 
 def plan_ranks(shapes: list[ModuleShape], config: Any) -> dict[str, int | None]:
-    """Rank per module under the parameter budget; ``None`` where a factorization would not be smaller."""
-    ranks = allocate_ranks(shapes, config.ratio, config.rank_multiple)
+    """Rank per module under the parameter budget; ``None`` where a factorization would not be smaller.
+
+    With int4 factors the alignment step is at least ``factor_group_size`` (still halved for modules too small
+    for it): a rank that is not a multiple of the group shrinks the ``up`` factor's int4 groups (rank 104 with
+    ``rank_multiple=8`` -> groups of 8 columns, 8 bits per weight with their scales and zeros).
+    """
+    multiple = config.rank_multiple
+    if getattr(config, "factor_bits", None) == 4 and getattr(config, "factor_group_size", None):
+        multiple = max(multiple, config.factor_group_size)
+    ranks = allocate_ranks(shapes, config.ratio, multiple)
     for shape in shapes:
         rank = ranks[shape.name]
         if rank is not None and shape.lowrank_params(rank) >= shape.dense_params:

@@ -61,3 +61,25 @@ def test_budget_property(shapes, ratio, multiple):
         r = ranks[s.name]
         if r is not None:
             assert 1 <= r and s.lowrank_params(r) < s.dense_params
+
+
+def test_int4_factors_get_ranks_aligned_to_their_group():
+    # A 4 x 256 recommender layer at ratio 0.5 with rank_multiple=8: float factors get rank 104 for the MLP, whose
+    # int4 `up` factor would then use groups of 8 columns (8 bits per weight with scale and zero); with
+    # factor_bits=4 the ranks follow the group (halved for small modules), under the same budget.
+    from types import SimpleNamespace
+
+    from optimum_odllm.pipeline import plan_ranks
+    from optimum_odllm.quantization.gptq import effective_group_size
+
+    shapes = [ModuleShape(f"l.{p}", i, o) for p, (i, o) in
+              {"q": (256, 256), "o": (256, 256), "gate": (256, 1024), "up": (256, 1024), "down": (1024, 256)}.items()]
+    floats = plan_ranks(shapes, SimpleNamespace(ratio=0.5, rank_multiple=8))
+    int4 = plan_ranks(shapes, SimpleNamespace(ratio=0.5, rank_multiple=8, factor_bits=4, factor_group_size=128))
+    assert min(effective_group_size(r, 128) for r in floats.values()) == 8  # the problem
+    assert min(effective_group_size(r, 128) for r in int4.values()) >= 32
+    assert all(r % 32 == 0 for r in int4.values())
+    budget = 0.5 * sum(s.dense_params for s in shapes)
+    assert kept_parameters(shapes, int4) <= budget and kept_parameters(shapes, int4) >= 0.85 * budget
+    int8 = plan_ranks(shapes, SimpleNamespace(ratio=0.5, rank_multiple=8, factor_bits=8, factor_group_size=128))
+    assert int8 == floats  # int8 is per output row: no groups, nothing to align

@@ -64,8 +64,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("factor_bits", None, "store the up/down factors as 8-bit (per output channel) or 4-bit (group-wise) "
             "integers after the solve, with error compensation from the covariances already collected; "
             "none keeps float factors", "choice", choices=(None, 8, 4)),
-    Setting("factor_group_size", 128, "int4 factors: input columns sharing one scale/zero (halved until it "
-            "divides a factor's width; 32/64/128/256 use the integer kernels)", "int"),
+    Setting("factor_group_size", 128, "int4 factors: input columns sharing one scale/zero; ranks are aligned to it "
+            "(halved for small modules) and it is halved until it divides a factor's width; 32/64/128/256 use "
+            "the integer kernels", "int"),
     Setting("factor_quantizer", "gptq", "how factors are rounded with factor_bits: gptq (error compensation "
             "weighted by the input covariance) or rtn (plain rounding, the ablation)", "choice",
             choices=("gptq", "rtn")),

@@ -195,7 +195,9 @@ def run_seed(seed: int, args: argparse.Namespace, data, split, test, checkpoint=
                                  train=split.train, exclude_history=masked)
 
     validation = {k: mean_se(v) for k, v in evaluate(model, split.valid).items()}
-    out: dict[str, Any] = {"dense": {"bytes_vs_bf16": 1.0, "validation": validation}}
+    c = model.config  # the model actually scored (a reused --out-dir model ignores --layers/--epochs/--lr)
+    shape = {"layers": c.num_hidden_layers, "hidden_size": c.hidden_size, "parameters": sum(p.numel() for p in model.parameters())}
+    out: dict[str, Any] = {"dense": {"bytes_vs_bf16": 1.0, "validation": validation, "model": shape}}
     print(f"seed {seed} dense: {METRIC} validation {validation[METRIC][0]:.4f}", flush=True)
     if args.train_only:
         return out
@@ -259,8 +261,11 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.merge:
         files = [json.loads(Path(f).read_text()) for f in args.merge]
-        return report(merge_seeds([f["per_seed"] for f in files]),
-                      argparse.Namespace(**{**files[0]["args"], "json": args.json}), files[0]["eval_users"])
+        merged = merge_seeds([f["per_seed"] for f in files])
+        # the merged runs differ in seeds/variants/ratios: keep every run's arguments, not the first one's
+        runs_args = [f["args"] for f in files]
+        return report(merged, argparse.Namespace(json=args.json, merged_runs=runs_args), files[0]["eval_users"],
+                      machine=files[0]["machine"])
     torch.set_num_threads(args.threads)
     data = load_movielens_100k(None)
     split = leave_one_out(data.sequences, history=20)
@@ -277,22 +282,30 @@ def main(argv=None) -> None:
 
 def merge_seeds(parts: list[dict[str, dict[str, Any]]]) -> dict[int, dict[str, Any]]:
     """Union of the labels of several runs per seed (processes that split the variants of one saved dense
-    model); the first run's dense entry is kept."""
+    model). Refuses runs of one seed whose dense per-user scores differ (they did not score the same model);
+    entries of one label are merged key by key (e.g. the dense ``unmasked`` numbers only one process computed)."""
     merged: dict[int, dict[str, Any]] = {}
     for part in parts:
         for seed, labels in part.items():
             into = merged.setdefault(int(seed), {"per_user": {}})
+            dense = labels.get("per_user", {}).get("dense")
+            if dense is not None and into["per_user"].get("dense", dense) != dense:
+                raise SystemExit(f"error: seed {seed}: the runs to merge scored different dense models")
             for label, value in labels.items():
                 if label == "per_user":
                     for name, values in value.items():
                         into["per_user"].setdefault(name, values)
                 else:
-                    into.setdefault(label, value)
+                    entry = into.setdefault(label, {})
+                    for key, item in value.items():
+                        entry.setdefault(key, item)
     return merged
 
 
-def report(per_seed: dict[int, dict[str, Any]], args: argparse.Namespace, eval_users: int, quiet: bool = False) -> None:
-    """Table over seeds (labels every seed has) to stdout unless ``quiet``; everything to ``args.json``."""
+def report(per_seed: dict[int, dict[str, Any]], args: argparse.Namespace, eval_users: int, quiet: bool = False,
+           machine: dict[str, Any] | None = None) -> None:
+    """Table over seeds (labels every seed has) to stdout unless ``quiet``; everything to ``args.json``
+    (``machine``: where the runs ran, when merging elsewhere)."""
     seeds = sorted(per_seed)
     rows = []
     for label in per_seed[seeds[0]]:
@@ -308,7 +321,7 @@ def report(per_seed: dict[int, dict[str, Any]], args: argparse.Namespace, eval_u
         rows.append(row)
     if rows and not quiet:
         print(markdown_table(rows, list(rows[0])))
-    write_json(args.json, {"machine": machine_info(), "args": vars(args), "seeds_done": seeds,
+    write_json(args.json, {"machine": machine or machine_info(), "args": vars(args), "seeds_done": seeds,
                            "eval_users": eval_users, "rows": rows, "per_seed": per_seed})
 
 

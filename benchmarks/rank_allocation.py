@@ -118,13 +118,17 @@ def main(argv=None) -> dict:
     result = {"machine": machine_info(), "args": vars(args), "dense_NDCG@10": mean_se(dense), "rows": []}
     uniform_plan = compressor_module.plan_ranks
     for ratio in args.ratios:
-        per_user = {}
+        per_user, plans = {}, {}
         for mode in ("uniform", "spectrum"):
             def spectrum_plan(shapes, cfg):
                 ranks = allocate_by_spectrum(shapes, energies, cfg.ratio, cfg.rank_multiple)
                 return {n: None if r is not None and s.lowrank_params(r) >= s.dense_params else r
                         for s in shapes for n, r in [(s.name, ranks[s.name])]}
-            compressor_module.plan_ranks = spectrum_plan if mode == "spectrum" else uniform_plan
+
+            def recorded(shapes, cfg, plan=spectrum_plan if mode == "spectrum" else uniform_plan, mode=mode):
+                plans[mode] = plan(shapes, cfg)  # what the compressor used, saved with the scores
+                return plans[mode]
+            compressor_module.plan_ranks = recorded
             try:
                 cfg = ODLLMConfig(ratio=ratio, rank_multiple=8, num_calibration_samples=args.calibration_samples,
                                   min_calibration_tokens=16)
@@ -135,9 +139,9 @@ def main(argv=None) -> dict:
             per_user[mode] = ndcg(compressed)
         diff = [a - b for a, b in zip(per_user["spectrum"], per_user["uniform"])]
         row = {"ratio": ratio, **{f"{m}_NDCG@10": mean_se(v) for m, v in per_user.items()},
-               "spectrum_minus_uniform_paired": mean_se(diff)}
+               "spectrum_minus_uniform_paired": mean_se(diff), "ranks": plans}
         result["rows"].append(row)
-        print(row, flush=True)
+        print({k: v for k, v in row.items() if k != "ranks"}, flush=True)
     write_json(args.out, result)
     return result
 

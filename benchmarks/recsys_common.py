@@ -199,8 +199,9 @@ def gptq_dense_fake_quantize(model: nn.Module, calibration: Sequence[Sequence[in
                              group_size: int = 128, damping: float = 0.01) -> None:
     """In place: GPTQ baseline on the *dense* decoder linears (every weight replaced by its dequantized codes).
 
-    Sequential like GPTQ/gptqmodel: layer by layer, the input covariance of each linear is collected with the
-    layers before it already quantized, then every linear of the layer is quantized with the library's GPTQ
+    Sequential like GPTQ: layer by layer, the input covariance of each linear is collected with the layers before
+    it already quantized (inside a layer all linears see the unquantized layer; gptqmodel's default goes module by
+    module there too, so this baseline can be slightly weaker), then every linear is quantized with the library's GPTQ
     solver (``optimum_odllm.quantization.quantize_weight``: asymmetric, ``group_size`` columns per
     bfloat16 scale and zero; 3 bits on the same grid with 8 levels). Stored size: ``bits + 32 / group_size``
     bits per weight (:func:`grouped_storage_bits_per_weight`).

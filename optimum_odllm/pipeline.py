@@ -12,6 +12,7 @@ the report.
 
 from __future__ import annotations
 
+import math
 import time
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -35,6 +36,7 @@ from .targets import find_decoder_layers, linear_shape, linear_weight
 logger = logging.get_logger(__name__)
 
 _COV_DTYPES = {"float64": torch.float64, "float32": torch.float32}
+INT4_MIN_KERNEL_GROUP = 32  # the narrowest int4 group the CPU integer kernel takes
 
 
 class StageTimer:
@@ -60,14 +62,16 @@ class StageTimer:
 def plan_ranks(shapes: list[ModuleShape], config: Any) -> dict[str, int | None]:
     """Rank per module under the parameter budget; ``None`` where a factorization would not be smaller.
 
-    With int4 factors the alignment step is at least ``factor_group_size`` (still halved for modules too small
-    for it): a rank that is not a multiple of the group shrinks the ``up`` factor's int4 groups (rank 104 with
-    ``rank_multiple=8`` -> groups of 8 columns, 8 bits per weight with their scales and zeros).
+    With int4 factors the alignment step is a multiple of ``factor_group_size`` (halved for modules too small
+    for it, never below 32 columns where the module holds a rank of 32): a rank that is not a multiple of the
+    group shrinks the ``up`` factor's int4 groups (rank 104 with ``rank_multiple=8`` -> groups of 8 columns,
+    8 bits per weight with their scales and zeros, and no integer kernel below 32).
     """
-    multiple = config.rank_multiple
+    multiple, floor = config.rank_multiple, 1
     if getattr(config, "factor_bits", None) == 4 and getattr(config, "factor_group_size", None):
-        multiple = max(multiple, config.factor_group_size)
-    ranks = allocate_ranks(shapes, config.ratio, multiple)
+        multiple = math.lcm(max(1, multiple), config.factor_group_size)
+        floor = min(INT4_MIN_KERNEL_GROUP, config.factor_group_size)
+    ranks = allocate_ranks(shapes, config.ratio, multiple, floor)
     for shape in shapes:
         rank = ranks[shape.name]
         if rank is not None and shape.lowrank_params(rank) >= shape.dense_params:

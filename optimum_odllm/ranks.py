@@ -29,22 +29,27 @@ class ModuleShape:
         return rank * (self.in_features + self.out_features)
 
 
-def effective_multiple(ideal_rank: float, rank_multiple: int) -> int:
+def effective_multiple(ideal_rank: float, rank_multiple: int, min_multiple: int = 1) -> int:
     """The alignment step used for a module: ``rank_multiple``, or a smaller power of two for small modules.
 
     A 64-wide toy layer cannot hold a rank-128 factor; for it we fall back to the largest power of
-    two that still leaves at least two steps below the ideal rank (never below 1).
+    two that still leaves at least two steps below the ideal rank (never below 1). ``min_multiple`` is a
+    floor kept whenever the ideal rank holds one such step (int4 factors: their groups need >= 32 columns).
     """
     multiple = max(1, rank_multiple)
     while multiple > 1 and multiple * 2 > ideal_rank:
         multiple //= 2
+    if multiple < min_multiple <= ideal_rank:
+        return min_multiple
     return multiple
 
 
-def allocate_ranks(shapes: list[ModuleShape], ratio: float, rank_multiple: int = 128) -> dict[str, int | None]:
+def allocate_ranks(shapes: list[ModuleShape], ratio: float, rank_multiple: int = 128,
+                   min_multiple: int = 1) -> dict[str, int | None]:
     """Rank per module name (``None`` = keep dense) so that kept params <= ``ratio`` x original.
 
-    Modules whose best rank would not save parameters (``ratio`` close to 1) stay dense.
+    Modules whose best rank would not save parameters (``ratio`` close to 1) stay dense. ``min_multiple``: see
+    :func:`effective_multiple`.
     """
     if not 0 < ratio <= 1:
         raise ValueError(f"ratio must be in (0, 1], got {ratio}")
@@ -55,7 +60,7 @@ def allocate_ranks(shapes: list[ModuleShape], ratio: float, rank_multiple: int =
     ideals: dict[str, float] = {}
     for shape in shapes:
         ideal = ratio * shape.dense_params / (shape.in_features + shape.out_features)
-        multiple = effective_multiple(ideal, rank_multiple)
+        multiple = effective_multiple(ideal, rank_multiple, min_multiple)
         useful = max_useful_rank(shape.in_features, shape.out_features)
         if ideal > useful or useful < 1:
             ranks[shape.name] = None  # no factorization of this size would save anything

@@ -39,12 +39,13 @@ def calibration_ids(n: int = 16, length: int = 24, seed: int = 1) -> torch.Tenso
     return torch.randint(3, VOCAB, (n, length), generator=generator)
 
 
-def word_tokenizer():
-    """A word-level tokenizer built here with `tokenizers` (no download)."""
+def word_tokenizer(index_tokens: tuple[str, ...] = ()):
+    """A word-level tokenizer built here with `tokenizers` (no download); ``index_tokens`` (e.g. ``<a_0>``)
+    take the ids of the last words, so a recommender's item index matches it without growing the vocabulary."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    words = [f"w{i}" for i in range(VOCAB - 4)]
+    words = [f"w{i}" for i in range(VOCAB - 4 - len(index_tokens))] + list(index_tokens)
     vocab = {"<pad>": 0, "<unk>": 1, "<s>": 2, "</s>": 3, **{w: i + 4 for i, w in enumerate(words)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()

@@ -26,6 +26,7 @@ from optimum_odllm.exporters.common import FlatCacheCausalLM  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ITEM_INDEX = {"levels": 2, "item_ids": ["a", "b"], "codes": [[0, 1], [1, 0]]}
+INDEX_TOKENS = ("<a_0>", "<a_1>", "<b_0>", "<b_1>")
 
 
 def compressed(arch: str):
@@ -44,6 +45,7 @@ def exported(request, tmp_path_factory):
     compressor = compressed(arch)
     compressor.save_pretrained(root / "odllm")
     (root / "odllm" / "item_index.json").write_text(json.dumps(ITEM_INDEX))
+    word_tokenizer(INDEX_TOKENS).save_pretrained(root / "odllm")  # a recommender's tokenizer holds its index tokens
     export_onnx(root / "odllm", root / "onnx", all_logits=all_logits)
     return compressor.model, root
 
@@ -253,12 +255,17 @@ def test_export_into_a_directory_with_files_keeps_them_and_refuses_the_model_dir
     assert (out / "notes.txt").read_text() == "keep me" and (out / "model.onnx").is_file()
 
 
-def test_export_refuses_a_broken_item_index_and_writes_nothing(tmp_path):
-    # exports run the same artifact hooks as saves: a corrupt item_index.json beside the model is refused
+@pytest.mark.parametrize("problem", ["corrupt", "foreign tokens"])
+def test_export_refuses_a_bad_item_index_before_exporting(tmp_path, monkeypatch, problem):
+    # exports run the same artifact hooks as saves, before the export itself: a corrupt item_index.json, or one
+    # whose tokens the saved tokenizer does not know (an index built for another model), is refused
     model_dir = tmp_path / "odllm"
     compressed("llama").save_pretrained(model_dir)
-    (model_dir / "item_index.json").write_text("{not json")
+    index = "{not json" if problem == "corrupt" else json.dumps(ITEM_INDEX)  # the saved tokenizer has no <a_0>
+    (model_dir / "item_index.json").write_text(index)
+    exported = []
+    monkeypatch.setattr(torch.onnx, "export", lambda *a, **k: exported.append(1))
     out = tmp_path / "onnx"
-    with pytest.raises(ValueError, match="item_index.json"):
+    with pytest.raises(ValueError, match="item_index.json|Item index file"):
         export_onnx(model_dir, out)
-    assert not out.exists() or not any(out.iterdir())
+    assert not exported and (not out.exists() or not any(out.iterdir()))

@@ -257,13 +257,17 @@ def test_dequantize_returns_exact_lowrank_and_lora_refusal():
     refuse_lora_on_quantized(model)  # no longer raises
 
 
-@pytest.mark.parametrize("bits", [8, 4])
-def test_asking_another_layout_keeps_the_one_in_use(bits):
-    # A CUDA graph captured through the bf16 layout keeps reading its tensors: asking the same factor for another
-    # (device, dtype) layout - `.kernel` asks for float32, int8 on CUDA keeps float32 - must not free them.
-    factor = make_quantized(bits, seed=6).down
+def test_asking_another_layout_keeps_the_one_in_use(monkeypatch):
+    # int8 on CUDA keeps float32 activations, so one factor serves bf16 and float32 layouts on one device, and
+    # `.kernel` asks for float32. A CUDA graph captured through the bf16 layout keeps reading its tensors: asking
+    # for the other layout must not free them. On CPU float32 is cast to bf16, so the CUDA rule is patched in.
+    from optimum_odllm.quantization import kernels
+
+    monkeypatch.setattr(kernels, "compute_dtype_for", lambda x_dtype, device, bits: x_dtype)
+    factor = make_quantized(8, seed=6).down
     in_use = factor.prepared(torch.device("cpu"), torch.bfloat16)
-    factor.prepared(torch.device("cuda"), torch.float32)  # layouts are built where the buffers are: runs on CPU too
+    other = factor.prepared(torch.device("cpu"), torch.float32)
+    assert other.compute_dtype == torch.float32 and other is not in_use
     assert factor.prepared(torch.device("cpu"), torch.bfloat16) is in_use
 
 

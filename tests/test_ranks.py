@@ -63,10 +63,11 @@ def test_budget_property(shapes, ratio, multiple):
             assert 1 <= r and s.lowrank_params(r) < s.dense_params
 
 
-def test_int4_factors_get_ranks_aligned_to_their_group():
-    # A 4 x 256 recommender layer at ratio 0.5 with rank_multiple=8: float factors get rank 104 for the MLP, whose
-    # int4 `up` factor would then use groups of 8 columns (8 bits per weight with scale and zero); with
-    # factor_bits=4 the ranks follow the group (halved for small modules), under the same budget.
+@pytest.mark.parametrize("ratio", [0.3, 0.4, 0.5, 0.6, 0.7])
+def test_int4_factors_get_ranks_aligned_to_their_group(ratio):
+    # A 4 x 256 recommender layer with rank_multiple=8: float factors get ranks like 104 or 48, whose int4 factors
+    # would use groups of 8 or 16 columns (8 or 6 bits per weight with scale and zero, no integer kernel); with
+    # factor_bits=4 every rank is a multiple of 32, under the same budget. int8 (per row, no groups) is unchanged.
     from types import SimpleNamespace
 
     from optimum_odllm.pipeline import plan_ranks
@@ -74,12 +75,24 @@ def test_int4_factors_get_ranks_aligned_to_their_group():
 
     shapes = [ModuleShape(f"l.{p}", i, o) for p, (i, o) in
               {"q": (256, 256), "o": (256, 256), "gate": (256, 1024), "up": (256, 1024), "down": (1024, 256)}.items()]
-    floats = plan_ranks(shapes, SimpleNamespace(ratio=0.5, rank_multiple=8))
-    int4 = plan_ranks(shapes, SimpleNamespace(ratio=0.5, rank_multiple=8, factor_bits=4, factor_group_size=128))
-    assert min(effective_group_size(r, 128) for r in floats.values()) == 8  # the problem
-    assert min(effective_group_size(r, 128) for r in int4.values()) >= 32
-    assert all(r % 32 == 0 for r in int4.values())
-    budget = 0.5 * sum(s.dense_params for s in shapes)
-    assert kept_parameters(shapes, int4) <= budget and kept_parameters(shapes, int4) >= 0.85 * budget
-    int8 = plan_ranks(shapes, SimpleNamespace(ratio=0.5, rank_multiple=8, factor_bits=8, factor_group_size=128))
-    assert int8 == floats  # int8 is per output row: no groups, nothing to align
+    floats = plan_ranks(shapes, SimpleNamespace(ratio=ratio, rank_multiple=8))
+    int4 = plan_ranks(shapes, SimpleNamespace(ratio=ratio, rank_multiple=8, factor_bits=4, factor_group_size=128))
+    assert all(r % 32 == 0 and effective_group_size(r, 128) >= 32 for r in int4.values())
+    budget = ratio * sum(s.dense_params for s in shapes)
+    assert 0.85 * budget <= kept_parameters(shapes, int4) <= budget
+    int8 = plan_ranks(shapes, SimpleNamespace(ratio=ratio, rank_multiple=8, factor_bits=8, factor_group_size=128))
+    assert int8 == floats
+    if ratio == 0.5:
+        assert min(effective_group_size(r, 128) for r in floats.values()) == 8  # the problem being fixed
+
+
+def test_min_multiple_floor_and_lcm_alignment():
+    assert effective_multiple(40.0, 128, min_multiple=32) == 32  # would be 16
+    assert effective_multiple(20.0, 128, min_multiple=32) == 8  # the module cannot hold a 32-step: unchanged
+    from types import SimpleNamespace
+
+    from optimum_odllm.pipeline import plan_ranks
+
+    shapes = [ModuleShape("a", 4096, 4096), ModuleShape("b", 4096, 11008)]
+    ranks = plan_ranks(shapes, SimpleNamespace(ratio=0.5, rank_multiple=192, factor_bits=4, factor_group_size=128))
+    assert all(r % 384 == 0 for r in ranks.values())  # lcm(192, 128): both the GEMM step and the int4 group

@@ -193,9 +193,36 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "generation_config.json")
 
 
+def export_artifacts(model: nn.Module, source: Path | None, tokenizer: Any = None,
+                     item_index: str | Path | None = None) -> dict[str, Path]:
+    """The files to ship beside an export (``item_index.json``, plugins' files), checked by the same artifact
+    hooks as a save; called before any export work, so a broken or mismatched index costs nothing.
+
+    ``item_index`` defaults to the one in the model directory; with no ``tokenizer`` the one saved there is
+    loaded, so index tokens are checked against the real vocabulary.
+    """
+    if item_index is None and source is not None and (source / ITEM_INDEX_FILE).is_file():
+        item_index = source / ITEM_INDEX_FILE
+    declared = {} if item_index is None else {ITEM_INDEX_FILE: Path(item_index)}
+    if tokenizer is None and source is not None and declared:
+        tokenizer = _saved_tokenizer(source)
+    vocab_size = getattr(model.config, "vocab_size", None)
+    return collect_artifacts(str(source) if source else None, declared, tokenizer, vocab_size)
+
+
+def _saved_tokenizer(source: Path) -> Any:
+    """The tokenizer saved in ``source``, or None when it has none (a bare model directory)."""
+    if not any((source / name).is_file() for name in TOKENIZER_FILES if name != "generation_config.json"):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(source))
+
+
 def write_sidecars(model: nn.Module, source: Path | None, output_dir: Path, tokenizer: Any = None,
-                   item_index: str | Path | None = None, **metadata: Any) -> None:
-    """Config, tokenizer, ``item_index.json`` and the signature metadata beside the exported file.
+                   artifacts: dict[str, Path] | None = None, **metadata: Any) -> None:
+    """Config, tokenizer, the checked ``artifacts`` (:func:`export_artifacts`) and the signature metadata
+    beside the exported file.
 
     Tokenizer files are copied byte for byte from the model directory (no re-serialization that could
     change them) unless a ``tokenizer`` object is given, which is saved with ``save_pretrained``.
@@ -207,12 +234,10 @@ def write_sidecars(model: nn.Module, source: Path | None, output_dir: Path, toke
         for name in TOKENIZER_FILES:
             if (source / name).is_file():
                 shutil.copyfile(source / name, output_dir / name)
-    if item_index is None and source is not None and (source / ITEM_INDEX_FILE).is_file():
-        item_index = source / ITEM_INDEX_FILE
-    declared = {} if item_index is None else {ITEM_INDEX_FILE: Path(item_index)}
-    vocab_size = getattr(model.config, "vocab_size", None)
-    # the same artifact hooks as a save: a broken or mismatched item index is refused, plugins' files ship too
-    for name, path in collect_artifacts(str(source) if source else None, declared, tokenizer, vocab_size).items():
+    for name, path in (artifacts or {}).items():
+        if (output_dir / name).exists():
+            raise ValueError(f"an artifact hook asked to ship {name!r}, which would overwrite a file of the export; "
+                             "rename the plugin's file.")
         shutil.copyfile(path, output_dir / name)
     layout = CacheLayout.from_config(model.config)
     info = {"layout": asdict(layout), "input_names": layout.input_names, "output_names": layout.output_names,

@@ -17,7 +17,7 @@ import torch
 from ..saving import staged_directory
 from .common import (
     METADATA_FILE, FlatCacheCausalLM, check_signature, example_inputs, load_for_export, read_layout, require_extra,
-    write_sidecars,
+    export_artifacts, write_sidecars,
 )
 from .runner import FlatCacheRunner
 
@@ -57,6 +57,7 @@ def export_executorch(model_or_path: Any, output_dir: str | Path, *, max_batch: 
     import torch.fx.experimental._config as fx_config
 
     model, source = load_for_export(model_or_path, dequantize=dequantize)
+    artifacts = export_artifacts(model, source, tokenizer, item_index)  # checked before the expensive export
     max_seq_len = max_seq_len or min(int(getattr(model.config, "max_position_embeddings", 512)), 512)
     wrapper = FlatCacheCausalLM(model, all_logits=all_logits)
     layout = wrapper.layout
@@ -69,7 +70,7 @@ def export_executorch(model_or_path: Any, output_dir: str | Path, *, max_batch: 
     # staged like a model save: files already in output_dir stay, nothing half-written, the source is refused
     with staged_directory(output_dir, protected=[source]) as staging:
         (staging / PTE_FILE).write_bytes(lowered.buffer)
-        write_sidecars(model, source, staging, tokenizer=tokenizer, item_index=item_index, format="executorch",
+        write_sidecars(model, source, staging, tokenizer=tokenizer, artifacts=artifacts, format="executorch",
                        file=PTE_FILE, backend="xnnpack", max_batch=max_batch, max_seq_len=max_seq_len,
                        all_logits=all_logits)
     return Path(output_dir) / PTE_FILE

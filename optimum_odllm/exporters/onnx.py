@@ -16,7 +16,8 @@ import torch
 
 from ..saving import staged_directory
 from .common import (
-    FlatCacheCausalLM, check_signature, dynamic_shapes, example_inputs, load_for_export, require_extra, write_sidecars,
+    FlatCacheCausalLM, check_signature, dynamic_shapes, example_inputs, export_artifacts, load_for_export,
+    require_extra, write_sidecars,
 )
 
 
@@ -36,6 +37,7 @@ def export_onnx(model_or_path: Any, output_dir: str | Path, *, tokenizer: Any = 
     """
     require_extra("export", "ONNX export", "onnx", "onnxscript")
     model, source = load_for_export(model_or_path, dequantize=dequantize)
+    artifacts = export_artifacts(model, source, tokenizer, item_index)  # checked before the expensive export
     wrapper = FlatCacheCausalLM(model, all_logits=all_logits)
     layout = wrapper.layout
     check_signature(wrapper)
@@ -49,7 +51,7 @@ def export_onnx(model_or_path: Any, output_dir: str | Path, *, tokenizer: Any = 
     # staged like a model save: files already in output_dir stay, nothing half-written, the source is refused
     with staged_directory(output_dir, protected=[source]) as staging:
         program.save(str(staging / ONNX_FILE))  # weights over 2 GiB go to model.onnx.data beside it (protobuf's limit)
-        write_sidecars(model, source, staging, tokenizer=tokenizer, item_index=item_index,
+        write_sidecars(model, source, staging, tokenizer=tokenizer, artifacts=artifacts,
                        format="onnx", file=ONNX_FILE, all_logits=all_logits)
     return Path(output_dir) / ONNX_FILE
 

@@ -84,7 +84,7 @@ class QuantizedFactor(nn.Module):
         compute = kernels.compute_dtype_for(x_dtype, device, self.bits)
         stored = [t for t in (self.qweight, self.scales, self.zeros) if t is not None]
         signature = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in stored)
-        if signature != self._prepared_for:
+        if signature != getattr(self, "_prepared_for", None):  # getattr: modules pickled before this attribute
             self._prepared, self._prepared_for = {}, signature  # reloaded or moved weights: every layout is stale
         entry = self._prepared.get((device, compute))
         if entry is None:

@@ -71,7 +71,7 @@ def plan_ranks(shapes: list[ModuleShape], config: Any) -> dict[str, int | None]:
     if getattr(config, "factor_bits", None) == 4 and getattr(config, "factor_group_size", None):
         multiple = math.lcm(max(1, multiple), config.factor_group_size)
         floor = min(INT4_MIN_KERNEL_GROUP, config.factor_group_size)
-    ranks = allocate_ranks(shapes, config.ratio, multiple, floor)
+    ranks = allocate_ranks(shapes, config.ratio, multiple, min_multiple=floor)
     for shape in shapes:
         rank = ranks[shape.name]
         if rank is not None and shape.lowrank_params(rank) >= shape.dense_params:

@@ -288,8 +288,8 @@ def test_modules_whose_factorization_would_not_save_parameters_stay_dense(calib,
     real = pipeline_module.allocate_ranks
     k_proj = "model.layers.0.self_attn.k_proj"  # 64 -> 32: rank 22 would hold 22 * 96 = 2112 >= 2048 parameters
 
-    def allocate(shapes, ratio, multiple):
-        ranks = real(shapes, ratio, multiple)
+    def allocate(shapes, ratio, multiple, *args, **kwargs):
+        ranks = real(shapes, ratio, multiple, *args, **kwargs)
         ranks[k_proj] = 22
         return ranks
 

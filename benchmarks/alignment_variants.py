@@ -22,20 +22,18 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
-import statistics
 import sys
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import recsys_common as rc  # noqa: E402
-from common import machine_info, write_json  # noqa: E402
+from common import machine_info, mean_se, write_json  # noqa: E402
 
 from optimum_odllm.linalg import aligned_target_times_factor, robust_cholesky, truncated_svd  # noqa: E402
 from optimum_odllm.solvers import ALIGNMENTS, register_alignment, ridge  # noqa: E402
@@ -64,9 +62,6 @@ METHODS: dict[str, dict[str, Any]] = {
     "before_fix": dict(alignment=BEFORE_FIX),
 }
 
-
-def mean_se(values: Sequence[float]) -> tuple[float, float]:
-    return statistics.fmean(values), statistics.stdev(values) / math.sqrt(len(values))
 
 
 @torch.no_grad()

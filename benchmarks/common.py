@@ -126,6 +126,11 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
+def mean_se(values) -> tuple[float, float]:
+    """Mean and its standard error (sample standard deviation / sqrt(n)); needs at least two values."""
+    return statistics.fmean(values), statistics.stdev(values) / len(values) ** 0.5
+
+
 def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     def fmt(value: Any) -> str:
         if isinstance(value, float):

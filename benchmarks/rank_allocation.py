@@ -15,14 +15,12 @@ from __future__ import annotations
 import argparse
 import copy
 import heapq
-import math
-import statistics
 from typing import Sequence
 
 import torch
 
-from common import machine_info, write_json  # also puts the repository on sys.path
-from recsys_common import calibration_ids, decoder_linears, load_recommender, load_split
+from common import machine_info, mean_se, write_json  # also puts the repository on sys.path
+from recsys_common import calibration_ids, decoder_linears, input_covariances, load_recommender, load_split
 
 import optimum_odllm.compressor as compressor_module  # noqa: E402
 from optimum_odllm import ODLLMCompressor, ODLLMConfig  # noqa: E402
@@ -36,21 +34,7 @@ from optimum_odllm.recsys.evaluation import evaluate_per_user  # noqa: E402
 def whitened_energies(model, calibration: Sequence[Sequence[int]]) -> dict[str, list[float]]:
     """Squared singular values of ``W chol(X^T X)`` per decoder linear, from one pass over the dense model."""
     linears = decoder_linears(model)
-    cov = {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for n, m in linears.items()}
-
-    def make_hook(name: str):
-        def hook(module, args) -> None:  # returns None: a returned value would replace the input
-            x = args[0].reshape(-1, args[0].shape[-1]).double()
-            cov[name].add_(x.T @ x)
-        return hook
-
-    hooks = [m.register_forward_pre_hook(make_hook(n)) for n, m in linears.items()]
-    try:
-        for ids in calibration:
-            model(input_ids=torch.tensor([list(ids)]), use_cache=False)
-    finally:
-        for h in hooks:
-            h.remove()
+    cov = input_covariances(model, linears, (torch.tensor([list(ids)]) for ids in calibration))
     out = {}
     for name, module in linears.items():
         c = cov[name] + 1e-8 * cov[name].diagonal().mean() * torch.eye(cov[name].shape[0], dtype=torch.float64)
@@ -90,9 +74,6 @@ def allocate_by_spectrum(shapes: list[ModuleShape], energies: dict[str, list[flo
             offer(name)
     return ranks
 
-
-def mean_se(values: Sequence[float]) -> tuple[float, float]:
-    return statistics.fmean(values), statistics.stdev(values) / math.sqrt(len(values))
 
 
 def main(argv=None) -> dict:

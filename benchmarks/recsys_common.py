@@ -195,6 +195,28 @@ def fisher_row_importance(model: nn.Module, calibration: Sequence[Sequence[int]]
 
 
 @torch.no_grad()
+def input_covariances(model: nn.Module, modules: dict[str, nn.Module], batches) -> dict[str, torch.Tensor]:
+    """``X^T X`` (float64, on the model's device) of each module's input over ``batches`` of input ids."""
+    device = next(model.parameters()).device
+    cov = {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64, device=device) for n, m in modules.items()}
+
+    def make_hook(name: str):
+        def hook(module, args) -> None:  # returns None: a returned value would replace the input
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            cov[name].add_(x.T @ x)
+        return hook
+
+    hooks = [m.register_forward_pre_hook(make_hook(n)) for n, m in modules.items()]
+    try:
+        for ids in batches:
+            model(input_ids=ids.to(device), use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    return cov
+
+
+@torch.no_grad()
 def gptq_dense_fake_quantize(model: nn.Module, calibration: Sequence[Sequence[int]], bits: int,
                              group_size: int = 128, damping: float = 0.01) -> None:
     """In place: GPTQ baseline on the *dense* decoder linears (every weight replaced by its dequantized codes).
@@ -209,27 +231,11 @@ def gptq_dense_fake_quantize(model: nn.Module, calibration: Sequence[Sequence[in
     from optimum_odllm.quantization import dequantize, quantize_weight
     from optimum_odllm.quantization.gptq import effective_group_size
 
-    device = next(model.parameters()).device
     layers = sorted({n.split(".layers.")[0] + ".layers." + n.split(".layers.")[1].split(".")[0]
                      for n in decoder_linears(model)}, key=lambda n: int(n.rsplit(".", 1)[1]))
     for layer in layers:
         targets = {n: m for n, m in decoder_linears(model).items() if n.startswith(layer + ".")}
-        hessians = {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64, device=device)
-                    for n, m in targets.items()}
-
-        def make_hook(n: str):
-            def hook(mod, args) -> None:
-                x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-                hessians[n].add_(x.T @ x)
-            return hook
-
-        hooks = [m.register_forward_pre_hook(make_hook(n)) for n, m in targets.items()]
-        try:
-            for ids in _batches_by_length(calibration):
-                model(input_ids=ids.to(device), use_cache=False)
-        finally:
-            for h in hooks:
-                h.remove()
+        hessians = input_covariances(model, targets, _batches_by_length(calibration))
         for n, m in targets.items():
             group = effective_group_size(m.in_features, group_size) if bits != 8 else None
             q = quantize_weight(m.weight.detach(), hessians[n], bits, group, "gptq", damping)

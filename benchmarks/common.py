@@ -61,6 +61,30 @@ def lowrank_like(model: nn.Module, ratio: float, rank_multiple: int = 128, seed:
     return ranks
 
 
+def integer_weights(model: nn.Module, bits: int, group_size: int = 128) -> nn.Module:
+    """``model`` with integer weights for timing (round to nearest; timing does not depend on values), in place.
+
+    Every ``LowRankLinear`` of the decoder becomes a ``QuantizedLowRankLinear`` (OD-LLM + ``factor_bits``) and
+    every other decoder ``nn.Linear`` a dense ``QuantizedFactor`` (the GPTQ W4/W8 stand-in: the same aten kernels).
+    """
+    from optimum_odllm.lowrank import set_submodule
+    from optimum_odllm.quantization import QuantizedFactor, QuantizedLowRankLinear, quantize_weight
+
+    for name, module in list(model.named_modules()):
+        if ".layers." not in name or name.endswith((".up", ".down")):
+            continue
+        if isinstance(module, LowRankLinear):
+            new = QuantizedLowRankLinear.from_lowrank(module.float(), None, bits, group_size, "rtn")
+        elif isinstance(module, nn.Linear):
+            bias = None if module.bias is None else module.bias.detach()
+            new = QuantizedFactor.from_quantized(quantize_weight(module.weight.detach().float(), None, bits, group_size,
+                                                                 "rtn"), bias)
+        else:
+            continue
+        set_submodule(model, name, new)
+    return model
+
+
 def add_model_args(parser) -> None:
     """The Llama-shape options shared by the benchmark scripts (7B shape by default)."""
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

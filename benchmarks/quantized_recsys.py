@@ -14,12 +14,18 @@ linears (codes, scales, zeros, biases) relative to the same modules as dense 16-
 Variants (``--variants``): ``odllm`` (defaults), ``no_progressive`` (the one-shot ablation),
 ``odllm+int8 gptq|rtn``, ``odllm+int4 gptq|rtn`` (``factor_bits``), and ``gptq-w4`` / ``gptq-w3`` / ``gptq-w8``:
 GPTQ on the dense weights (:func:`recsys_common.gptq_dense_fake_quantize`, this library's GPTQ solver, g128,
-simulated by dequantized weights: quality only).
+simulated by dequantized weights: quality only), and ``odllm+recovery`` / ``no_progressive+recovery``: the
+compressed model's factors fine-tuned for ``--recovery-epochs`` at ``--recovery-lr`` on the dense model's own
+training samples (:mod:`optimum_odllm.recovery`); ``odllm+recovery+int8 rtn`` then rounds the fine-tuned factors
+to int8; ``dense+recovery`` is the control: the same extra training given to the dense model. Choose such settings with ``--score-validation`` (every model
+scored on the validation users), then score the test users once.
 
     python benchmarks/quantized_recsys.py --seeds 0 1 2 --out-dir runs/quant-recsys \\
         --json benchmarks/results/quantized_recsys_cpu.json
     python benchmarks/quantized_recsys.py --seeds 0 --train-only --out-dir runs/quant-recsys   # train dense only
     python benchmarks/quantized_recsys.py --merge a.json b.json --json all.json   # seeds run in separate processes
+    python benchmarks/quantized_recsys.py --seeds 0 --variants odllm+recovery --recovery-epochs 1 \
+        --recovery-lr 1e-4 --score-validation --json val.json                      # choose recovery settings
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ from common import machine_info, markdown_table, write_json  # also puts the rep
 from recsys_common import gptq_dense_fake_quantize, grouped_storage_bits_per_weight
 
 from optimum_odllm import ODLLMCompressor, ODLLMConfig  # noqa: E402
-from optimum_odllm.lowrank import LowRankLinear  # noqa: E402
+from optimum_odllm.lowrank import LowRankLinear, set_submodule  # noqa: E402
 from optimum_odllm.quantization import QuantizedLowRankLinear  # noqa: E402
 from optimum_odllm.quantization.gptq import effective_group_size  # noqa: E402
 from optimum_odllm.recsys import (  # noqa: E402
@@ -70,6 +76,16 @@ VARIANTS: dict[str, Any] = {
     "gptq-w8": ("gptq", 8),
     "gptq-w4": ("gptq", 4),
     "gptq-w3": ("gptq", 3),
+}
+#: name -> (the variant whose factors it fine-tunes after compression, then int8 rounding of the fine-tuned
+#: factors or None). Fine-tuning: ``--recovery-epochs`` on the dense model's own training samples, factors and
+#: their biases only (``optimum_odllm.recovery``); quantizing happens after it because integer factors cannot be
+#: trained (the library refuses), so the rounding is plain RTN without covariances.
+RECOVERED: dict[str, tuple[str, int | None]] = {
+    "odllm+recovery": ("odllm", None),
+    "no_progressive+recovery": ("no_progressive", None),
+    "odllm+recovery+int8 rtn": ("odllm", 8),
+    "dense+recovery": ("dense", None),  # control: the same extra training on the dense model (all weights)
 }
 DEFAULT_VARIANTS = "odllm,no_progressive,odllm+int8 gptq,odllm+int4 gptq,gptq-w4,gptq-w3"
 METRIC = "NDCG@10"
@@ -121,8 +137,7 @@ def train_or_load(seed: int, args: argparse.Namespace, data, split) -> tuple[nn.
     index = build_item_index(data.item_text, data.item_ids, levels=3, codebook_size=64, steps=1500, seed=seed)
     tokenizer = build_offline_tokenizer(data.item_text, index)
     encoder = InstructionEncoder(tokenizer, index, data.item_text)
-    samples = build_instruction_samples(encoder, split.train, tasks=("seqrec", "item2index"), history=20,
-                                        packed=True, short=True, seed=seed)
+    samples = training_samples(encoder, split, seed)
     model = build_offline_model(tokenizer, hidden_size=args.hidden_size, num_layers=args.layers, num_heads=args.heads,
                                 seed=seed)
     start = time.time()
@@ -133,6 +148,12 @@ def train_or_load(seed: int, args: argparse.Namespace, data, split) -> tuple[nn.
     tokenizer.save_pretrained(dense_dir)
     index.save(dense_dir)
     return model.to(args.device), encoder, tokenizer
+
+
+def training_samples(encoder: InstructionEncoder, split, seed: int) -> list[dict]:
+    """The dense recipe's training samples (also what recovery fine-tuning sees): train split only."""
+    return build_instruction_samples(encoder, split.train, tasks=("seqrec", "item2index"), history=20,
+                                     packed=True, short=True, seed=seed)
 
 
 def mean_se(values: list[float]) -> tuple[float, float]:
@@ -151,8 +172,37 @@ def calibration_of(seed: int, encoder: InstructionEncoder, split, args: argparse
     return [encoder.prompt_ids(PACKED_SEQREC_TEMPLATE, c) for c in rng.sample(chunks, args.calibration_samples)]
 
 
-def build_variant(name: str, ratio: float, model: nn.Module, tokenizer, calibration, args) -> tuple[nn.Module, tuple[int, int]]:
-    """The compressed (or GPTQ-quantized) copy of ``model`` and its (stored, dense 16-bit) decoder bytes."""
+def recover(compressed: nn.Module, tokenizer, samples: list[dict], seed: int, args) -> nn.Module:
+    """Fine-tune only the low-rank factors (and their biases) with the dense recipe's ``Trainer`` loop
+    (a model without factors, the dense control, trains every weight)."""
+    from optimum_odllm.recovery import lowrank_modules, mark_factors_trainable
+
+    if lowrank_modules(compressed):
+        mark_factors_trainable(compressed, train_bias=True)
+    out_dir = Path(args.out_dir) / f"seed{seed}" / "recovery"
+    return train_recommender(compressed, tokenizer, samples, out_dir, epochs=args.recovery_epochs,
+                             learning_rate=args.recovery_lr, batch_size=args.batch_size, seed=seed,
+                             disable_tqdm=True).eval()
+
+
+def build_variant(name: str, ratio: float, model: nn.Module, tokenizer, calibration, args,
+                  recovery=lambda compressed: compressed) -> tuple[nn.Module, tuple[int, int]]:
+    """The compressed (or GPTQ-quantized) copy of ``model`` and its (stored, dense 16-bit) decoder bytes;
+    ``recovery(compressed)`` is applied to the ``+recovery`` variants."""
+    if name in RECOVERED:
+        base, bits = RECOVERED[name]
+        if base == "dense":
+            compressed, nbytes = copy.deepcopy(model), decoder_linear_bytes(model)
+        else:
+            compressed, nbytes = build_variant(base, ratio, model, tokenizer, calibration, args)
+        compressed = recovery(compressed)
+        if bits is None:
+            return compressed, nbytes
+        for module_name, module in list(compressed.named_modules()):
+            if isinstance(module, LowRankLinear):
+                set_submodule(compressed, module_name,
+                              QuantizedLowRankLinear.from_lowrank(module, None, bits, GROUP_SIZE, "rtn"))
+        return compressed, decoder_linear_bytes(compressed)
     spec = VARIANTS[name]
     if isinstance(spec, tuple):
         quantized = copy.deepcopy(model)
@@ -168,9 +218,14 @@ def labels_to_run(args: argparse.Namespace) -> list[tuple[str, str, float]]:
     """(label, variant, ratio) in run order; GPTQ baselines once (no ratio), RTN ablations at --rtn-ratios."""
     out = []
     for name in [v.strip() for v in args.variants.split(",") if v.strip()]:
-        if name not in VARIANTS:
-            raise SystemExit(f"error: unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
-        if isinstance(VARIANTS[name], tuple):
+        if name not in VARIANTS and name not in RECOVERED:
+            raise SystemExit(f"error: unknown variant {name!r}; choose from {', '.join([*VARIANTS, *RECOVERED])}")
+        if name in RECOVERED and not args.recovery_epochs:
+            raise SystemExit(f"error: variant {name!r} needs --recovery-epochs (> 0)")
+        if isinstance(VARIANTS.get(name), tuple):
+            out.append((name, name, 1.0))
+            continue
+        if RECOVERED.get(name, ("",))[0] == "dense":
             out.append((name, name, 1.0))
             continue
         ratios = args.rtn_ratios if name.endswith("rtn") else args.ratios
@@ -203,6 +258,7 @@ def run_seed(seed: int, args: argparse.Namespace, data, split, test, checkpoint=
         return out
     calibration = calibration_of(seed, encoder, split, args)
     unmasked = {u.strip() for u in args.unmasked.split(",") if u.strip()}
+    samples = training_samples(encoder, split, seed) if any(n in RECOVERED for _, n, _ in labels_to_run(args)) else []
     start = time.time()
     dense_metrics = evaluate(model)
     out["dense"].update(eval_s=round(time.time() - start, 1), metrics={k: mean_se(v) for k, v in dense_metrics.items()},
@@ -210,11 +266,13 @@ def run_seed(seed: int, args: argparse.Namespace, data, split, test, checkpoint=
     if "dense" in unmasked:
         out["dense"]["unmasked"] = {k: mean_se(v) for k, v in evaluate(model, masked=False).items()}
     out["per_user"] = {"dense": dense_metrics[METRIC]}
-    print(f"seed {seed} dense: {METRIC} test {out['dense'][METRIC]:.4f}", flush=True)
+    scored = "validation (--score-validation)" if getattr(args, "score_validation", False) else "test"
+    print(f"seed {seed} dense: {METRIC} {scored} {out['dense'][METRIC]:.4f}", flush=True)
     checkpoint(out)
     for label, name, ratio in labels_to_run(args):
         start = time.time()
-        compressed, (stored, dense) = build_variant(name, ratio, model, tokenizer, calibration, args)
+        compressed, (stored, dense) = build_variant(name, ratio, model, tokenizer, calibration, args,
+                                                    lambda m: recover(m, tokenizer, samples, seed, args))
         compress_s = time.time() - start
         start = time.time()
         metrics = evaluate(compressed)
@@ -237,7 +295,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.5])
     parser.add_argument("--rtn-ratios", type=float, nargs="+", default=[0.5], help="ratios of the *rtn ablations")
-    parser.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"comma-separated, from: {', '.join(VARIANTS)}")
+    parser.add_argument("--variants", default=DEFAULT_VARIANTS,
+                        help=f"comma-separated, from: {', '.join([*VARIANTS, *RECOVERED])}")
     parser.add_argument("--unmasked", default="dense,odllm@0.5,odllm@0.3",
                         help="labels also evaluated without excluding seen items")
     parser.add_argument("--out-dir", default="runs/quant-recsys")
@@ -253,6 +312,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--train-only", action="store_true", help="train (or load) and evaluate on validation users only")
+    parser.add_argument("--recovery-epochs", type=float, default=0.0, help="epochs of the +recovery variants")
+    parser.add_argument("--recovery-lr", type=float, default=1e-4)
+    parser.add_argument("--score-validation", action="store_true",
+                        help="score every model on the validation users instead of the test users (to choose "
+                             "settings such as --recovery-lr without looking at test users)")
     parser.add_argument("--merge", nargs="+", default=None, help="combine the per-seed results of these JSON files")
     return parser.parse_args(argv)
 
@@ -269,7 +333,8 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     data = load_movielens_100k(None)
     split = leave_one_out(data.sequences, history=20)
-    test = split.test[: args.max_eval_users] if args.max_eval_users else split.test
+    scored = split.valid if args.score_validation else split.test
+    test = scored[: args.max_eval_users] if args.max_eval_users else scored
     per_seed: dict[int, dict[str, Any]] = {}
     for seed in args.seeds:
         def checkpoint(out: dict[str, Any], seed: int = seed) -> None:

@@ -94,8 +94,15 @@ def build_variant(variant: str, linear: nn.Linear, rank: int | None, seed: int) 
     return module
 
 
-def kernels_used(module: nn.Module, device: torch.device) -> list[str]:
-    return sorted({m.prepared(device, torch.bfloat16).kernel for m in module.modules() if isinstance(m, QuantizedFactor)})
+def kernels_used(module: nn.Module, device: torch.device, tokens: int) -> list[str]:
+    """Kernels the factors of ``module`` run for ``tokens`` bf16 rows on ``device`` (Triton or the prepared one)."""
+    from optimum_odllm import kernels as gpu_kernels
+
+    probe = torch.empty(tokens, 1, device=device, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        return sorted({"triton_int" if gpu_kernels.use_int_kernel(probe, tokens) and m.triton_ready
+                       else m.prepared(device, torch.bfloat16).kernel
+                       for m in module.modules() if isinstance(m, QuantizedFactor)})
 
 
 class Timer:
@@ -136,7 +143,11 @@ def maybe_graph(fn: Callable[[], Any], use_graph: bool) -> Callable[[], Any]:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
-    return graph.replay
+
+    def replay(keep_alive=fn) -> None:  # the graph reads tensors owned by fn's modules: they must outlive it
+        graph.replay()
+
+    return replay
 
 
 def bench_kernels(device: torch.device, timer: Timer, calls: int) -> list[dict[str, Any]]:
@@ -184,7 +195,7 @@ def bench_layer(name: str, shape: dict[str, Any], ratio: float, tokens: int, dev
     for v_idx, variant in enumerate(VARIANTS):
         mods = {p: build_variant(variant, lin, ranks[p], seed=v_idx * 10 + j).to(device)
                 for j, (p, lin) in enumerate(linears.items())}
-        kernels[variant] = sorted({k for m in mods.values() for k in kernels_used(m, device)})
+        kernels[variant] = sorted({k for m in mods.values() for k in kernels_used(m, device, tokens)})
 
         def step(mods=mods):
             with torch.inference_mode():

@@ -11,6 +11,10 @@ values), and its low-rank twin with exactly the ranks OD-LLM allocates at ``--ra
   cuBLAS); ``fused`` (:func:`optimum_odllm.fused.fuse_shared_inputs`: one ``down`` GEMM for q/k/v and
   gate/up, cuBLAS); ``kernels`` (fused, plus the Triton kernels of :mod:`optimum_odllm.kernels` at
   small token counts: CUDA only, and only timed on the compiled decode path, the one place they run);
+  ``int8`` / ``int4`` (the low-rank factors as integer codes: OD-LLM + ``factor_bits``, aten kernels) and
+  ``dense_int4`` / ``dense_int8`` (the dense weights as integer codes with the same kernels: the GPTQ W4/W8 stand-in);
+  on CUDA the integer variants take the library's default kernels (Triton at few tokens for int8), ``<variant>_aten``
+  never the Triton kernel (aten's tinygemm for int4, per-call dequantization + cuBLAS for int8);
 * peak memory of each model, and (``--profile-compiled``) the top GPU kernels of one compiled ``generate``.
 
 Prints a markdown table and writes JSON. Example (GPU)::
@@ -37,6 +41,7 @@ from common import (
     add_model_args,
     model_shape,
     decoder_linear_shapes,
+    integer_weights,
     llama_model,
     lowrank_like,
     machine_info,
@@ -64,7 +69,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--profile-compiled", action="store_true",
                    help="after each compiled decode timing, profile one more (already compiled) generate call (CUDA)")
     p.add_argument("--repeat", type=int, default=10)
-    p.add_argument("--variants", default="dense,lowrank,fused,kernels", help="dense first; kernels is CUDA only")
+    p.add_argument("--variants", default="dense,lowrank,fused,kernels",
+                   help="dense first; kernels is CUDA only; also int8, int4, dense_int8, dense_int4 (+ '_aten': never the "
+                        "Triton kernel on CUDA)")
     p.add_argument("--out", default="benchmarks/results/speed.json")
     return p.parse_args()
 
@@ -169,7 +176,7 @@ def peak_memory(device: str) -> float | None:
 
 
 class kernels_enabled:
-    """Context manager: turn the Triton path on or off (the ``kernels`` variant vs the cuBLAS ones)."""
+    """Context manager: turn the Triton kernels on or off (``kernels`` and the integer variants vs cuBLAS/aten)."""
 
     def __init__(self, on: bool):
         self.on, self.before = on, kernels.ENABLED
@@ -191,6 +198,18 @@ def build_variants(args: argparse.Namespace, dense: torch.nn.Module) -> tuple[li
     fused = copy.deepcopy(lowrank)
     groups = fuse_shared_inputs(fused)
     table = {"dense": (dense, False), "lowrank": (lowrank, False), "fused": (fused, False), "kernels": (fused, True)}
+    for label in wanted:  # integer weights only where asked: each is a full copy of the model
+        if label.removesuffix("_aten") in ("int8", "int4", "dense_int8", "dense_int4"):
+            source = dense if label.startswith("dense_") else lowrank
+            model = integer_weights(copy.deepcopy(source), int(label.removesuffix("_aten")[-1]))
+            for module in model.modules():  # "_aten": never the Triton kernel
+                if hasattr(module, "prefer_triton"):
+                    module.prefer_triton = not label.endswith("_aten")
+            table[label] = (model, True)  # kernels on: each factor's prefer_triton decides (off for "_aten")
+    unknown = sorted(set(wanted) - set(table))
+    if unknown:
+        raise SystemExit(f"error: unknown variants {unknown}; choose from dense, lowrank, fused, kernels, int8, int4, "
+                         "dense_int8, dense_int4 (each integer variant also with the suffix _aten)")
     variants = [(label, *table[label]) for label in wanted]
     targets = sum(s.dense_params for s in decoder_linear_shapes(dense))
     kept = sum(p.numel() for n, p in lowrank.named_parameters() if ".layers." in n and (".up." in n or ".down." in n))
@@ -233,7 +252,7 @@ def main() -> None:
         batch, length = (int(v) for v in spec.split("x"))
         row: dict[str, Any] = {"batch": batch, "length": length}
         for label, model, on in variants:
-            if on:
+            if label == "kernels":
                 continue  # eager: the kernels apply only inside torch.compile / CUDA graphs, so this is ``fused``
             peak_memory_reset(device)
             with kernels_enabled(on):
@@ -263,7 +282,7 @@ def main() -> None:
             row = {"batch": batch, "mode": "static+compile" if compiled else "eager"}
             results["decode"].append(row)  # written after every variant: a run cut short keeps what it measured
             for label, model, on in variants:
-                if on and not compiled:
+                if label == "kernels" and not compiled:
                     continue  # eager: the kernels apply only inside torch.compile / CUDA graphs, so this is ``fused``
                 try:
                     if compiled:

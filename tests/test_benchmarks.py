@@ -111,3 +111,45 @@ def test_spectrum_allocation_keeps_budget_and_favours_flat_spectra():
     assert kept_parameters(shapes, ranks) <= 0.5 * 2 * 256 * 256
     assert ranks["flat"] > uniform["flat"] and ranks["peaked"] == uniform["peaked"] // 2  # the floor
     assert ranks["flat"] % 8 == 0 and ranks["peaked"] % 8 == 0
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_integer_weights_swaps_every_decoder_linear_and_matches_dequantized(bits):
+    # speed.py's int8/int4/dense_int4 variants: every decoder projection becomes integer codes, nothing else changes
+    import copy
+
+    from common import integer_weights, lowrank_like
+    from optimum_odllm.quantization import QuantizedFactor, QuantizedLowRankLinear, dequantize_model
+
+    for lowrank in (False, True):
+        model = tiny_llama(3)
+        if lowrank:
+            lowrank_like(model, 0.5, rank_multiple=32)
+        quantized = integer_weights(copy.deepcopy(model), bits, group_size=32)
+        kinds = {type(m) for n, m in quantized.named_modules() if ".layers." in n and n.endswith("_proj")}
+        assert kinds == ({QuantizedLowRankLinear} if lowrank else {QuantizedFactor})
+        assert isinstance(quantized.lm_head, nn.Linear)
+        reference = dequantize_model(copy.deepcopy(quantized)) if lowrank else None
+        ids = torch.randint(0, 64, (1, 9))
+        with torch.no_grad():
+            out = quantized(ids).logits
+            if reference is not None:  # same codes as float factors: only kernel rounding differs
+                torch.testing.assert_close(out, reference(ids).logits, atol=0.05, rtol=0.05)
+            assert torch.isfinite(out).all()
+
+
+def test_recovery_variants_need_epochs():
+    qr = pytest.importorskip("quantized_recsys")
+    args = qr.parse_args(["--variants", "odllm,odllm+recovery", "--ratios", "0.5"])
+    with pytest.raises(SystemExit, match="--recovery-epochs"):
+        qr.labels_to_run(args)
+    args = qr.parse_args(["--variants", "odllm+recovery", "--ratios", "0.5", "0.3", "--recovery-epochs", "1"])
+    assert qr.labels_to_run(args) == [("odllm+recovery@0.5", "odllm+recovery", 0.5),
+                                      ("odllm+recovery@0.3", "odllm+recovery", 0.3)]
+
+
+def test_dense_recovery_control_runs_once_without_ratio():
+    qr = pytest.importorskip("quantized_recsys")
+    args = qr.parse_args(["--variants", "dense+recovery,odllm+recovery", "--ratios", "0.5", "--recovery-epochs", "1"])
+    assert qr.labels_to_run(args) == [("dense+recovery", "dense+recovery", 1.0),
+                                      ("odllm+recovery@0.5", "odllm+recovery", 0.5)]

@@ -335,3 +335,124 @@ def test_int8_cpu_kernel_is_not_used_where_it_crashes(in_features):
     x = torch.randn(4, in_features)
     ref = x.double() @ factor.dequantized_weight(torch.float64).T
     assert ((factor(x).double() - ref).abs() <= kernel_tolerance(x, factor.dequantized_weight()) + 2**-7).all()
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_factors_compile_in_one_graph(bits):
+    # The quantizer says `is_compileable`, so generate's static-cache path compiles these modules: a graph break
+    # per factor (the layout cache's data-pointer check) would split a decode step into hundreds of graphs.
+    torch._dynamo.reset()
+    module = make_quantized(bits, seed=7)
+    x = torch.randn(3, 256, dtype=torch.bfloat16)
+    eager = module(x)  # the eager call (generate's prefill) prepares the layout the graph reads
+    compiled = torch.compile(module, backend="aot_eager", fullgraph=True)
+    assert torch.equal(compiled(x), eager)
+    torch._dynamo.reset()
+
+
+# ---------------------------------------------------------------- Triton kernel for integer factors (CUDA)
+
+# (tokens, out, in, bits, group): Llama-7B factor shapes at ratio 0.5 (down 4096 -> 1152, up 1408 -> 11008,
+# down of down_proj 11008 -> 1408) and odd sizes that exercise the masks and the halved int4 groups.
+INT_SHAPES = [(1, 1152, 4096, 8, None), (1, 11008, 1408, 8, None), (16, 1408, 11008, 8, None), (3, 200, 1000, 8, None),
+              (1, 1152, 4096, 4, 128), (1, 11008, 1408, 4, 128), (7, 1408, 11008, 4, 128), (2, 192, 320, 4, 64),
+              (1, 96, 192, 4, 32)]
+
+
+def stored_factor(out: int, inp: int, bits: int, group: int | None, seed: int) -> QuantizedFactor:
+    return QuantizedFactor.from_quantized(quantize_weight(random_weight(out, inp, seed) / inp**0.5, None, bits, group, "rtn"))
+
+
+def test_cuda_kernel_choice_per_factor():
+    # Decided from shapes alone (no GPU needed): int8 never uses aten's CUDA int8 kernel (measured 0.07x of bf16)
+    # and takes the Triton kernel at few tokens; int4 keeps tinygemm where it applies, Triton only where it cannot.
+    from optimum_odllm.quantization import kernels as qk
+
+    cuda = torch.device("cuda")
+    assert qk._kernel_for(8, 1152, 4096, None, cuda) == "int8_dequantize_per_call"
+    assert qk._kernel_for(8, 1152, 4096, None, torch.device("cpu")) == "aten_int8"
+    assert qk.triton_preferred_on_cuda(8, 1152, 4096, None)
+    assert qk._kernel_for(4, 1152, 4096, 128, cuda) == "aten_int4_cuda"
+    assert not qk.triton_preferred_on_cuda(4, 1152, 4096, 128)
+    assert qk._kernel_for(4, 96, 192, 64, cuda) == "dequantized"  # in_features not a multiple of 128: no tinygemm
+    assert qk.triton_preferred_on_cuda(4, 96, 192, 64)
+
+
+def test_int8_dequantize_per_call_matches_reference():
+    from optimum_odllm.quantization import kernels as qk
+
+    factor = stored_factor(40, 96, 8, None, seed=16)
+    prepared = qk.PreparedWeight("int8_dequantize_per_call", torch.bfloat16, factor.qweight,
+                                 factor.scales.to(torch.bfloat16))
+    x = torch.randn(5, 96, dtype=torch.bfloat16)
+    weight = factor.dequantized_weight(torch.float64)
+    out = qk.matmul(x, prepared)
+    assert ((out.double() - x.double() @ weight.T).abs() <= kernel_tolerance(x, weight) + 2**-7).all()
+
+
+def test_int_weight_op_plain_path_matches_dequantized_reference():
+    # off CUDA the op is the dequantized product: the reference the Triton kernel is held to on the GPU
+    for bits, group in ((8, None), (4, 64)):
+        factor = stored_factor(48, 128, bits, group, seed=13)
+        x = torch.randn(3, 128, dtype=torch.bfloat16)
+        args = (x, factor.qweight, factor.scales, factor.zeros, bits, group or 0)
+        ref = x.double() @ factor.dequantized_weight(torch.float64).T
+        out = torch.ops.odllm.int_weight_mm(*args)
+        assert out.dtype == torch.bfloat16
+        assert ((out.double() - ref).abs() <= kernel_tolerance(x, factor.dequantized_weight()) + 2**-7).all()
+        torch.library.opcheck(torch.ops.odllm.int_weight_mm.default, args)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("m,out,inp,bits,group", INT_SHAPES)
+def test_every_int_kernel_config_matches_dequantized_reference(m, out, inp, bits, group):
+    from optimum_odllm.kernels import triton_intweight
+
+    factor = stored_factor(out, inp, bits, group, seed=14).cuda()
+    x = torch.randn(m, inp, device="cuda", dtype=torch.bfloat16)
+    weight = factor.dequantized_weight(torch.float64)
+    ref = x.double() @ weight.T
+    bound = kernel_tolerance(x, weight) + 2**-7
+    configs = triton_intweight.candidates(m, out, inp, 132, bits, factor.group_size)
+    assert configs
+    for config in configs:
+        y = triton_intweight.int_weight_with(x, factor.qweight, factor.scales, factor.zeros, bits, factor.group_size,
+                                             config)
+        assert ((y.double() - ref).abs() <= bound).all(), config
+    assert ((factor(x).double() - ref).abs() <= bound).all()  # the module's dispatch (Triton at <= 16 tokens)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("bits", [8, 4])
+def test_int_factors_below_and_above_the_token_limit_match_reference_eager_and_compiled(bits):
+    from optimum_odllm import kernels as gpu_kernels
+
+    module = make_quantized(bits, seed=15).cuda()
+    reference = module.dequantize(torch.float64).cuda()
+    for tokens in (1, gpu_kernels.MAX_INT_KERNEL_TOKENS + 1):  # Triton (int8), then the prepared kernel
+        x = torch.randn(tokens, 256, device="cuda", dtype=torch.bfloat16)
+        bound = 2**-7 * ((x.abs().double() @ reference.down.weight.abs().T) @ reference.up.weight.abs().T) + 2**-7
+        with torch.no_grad():
+            eager = module(x)
+            assert ((eager.double() - reference(x.double())).abs() <= bound).all(), tokens
+            torch._dynamo.reset()
+            compiled = torch.compile(module, mode="reduce-overhead", fullgraph=True)
+            for _ in range(3):  # warm-up runs, then the CUDA-graph replay
+                out = compiled(x)
+            assert ((out.double() - reference(x.double())).abs() <= bound).all(), tokens
+    torch._dynamo.reset()
+
+
+def test_int_kernel_token_limit_is_capped_at_one_tile(monkeypatch):
+    # ODLLM_INT_KERNEL_MAX_TOKENS may be set high; rows beyond one tile must never reach the Triton kernel
+    from optimum_odllm import kernels as gpu_kernels
+
+    monkeypatch.setattr(gpu_kernels, "HAS_TRITON", True)
+    monkeypatch.setattr(gpu_kernels, "MAX_INT_KERNEL_TOKENS", 4096)
+    x = torch.empty(1, 8, dtype=torch.bfloat16, device="meta")
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    with torch.no_grad():
+        assert gpu_kernels.use_int_kernel(x, gpu_kernels.MAX_INT_KERNEL_ROWS)
+        assert not gpu_kernels.use_int_kernel(x, gpu_kernels.MAX_INT_KERNEL_ROWS + 1)

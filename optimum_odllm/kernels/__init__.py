@@ -11,6 +11,10 @@ case): on the H200 (benchmarks/README.md, 2026-12-02) the kernels made compiled 
 Llama-7B shape 1.13x faster than dense where cuBLAS factors gave 0.85-0.91x, but compiled batch-32 decode
 (32 tokens) 0.70x where cuBLAS factors gave 0.99x, although each kernel alone beat cuBLAS at 32 tokens in
 ``benchmarks/kernels_roofline.py``; until that is understood, more tokens stay on cuBLAS.
+
+:func:`use_int_kernel` is the rule for integer factors (``optimum_odllm.quantization``): the
+``int_weight_mm`` op for at most :data:`MAX_INT_KERNEL_TOKENS` tokens on CUDA (``ODLLM_INT_KERNEL_MAX_TOKENS``),
+eager mode included, because the aten int8 kernel it replaces was far slower than one Triton launch.
 """
 
 from __future__ import annotations
@@ -19,25 +23,41 @@ import os
 
 import torch
 
-from .capabilities import HAS_TRITON, MAX_GROUPS
-from .ops import grouped_up, lowrank_down  # registers torch.ops.odllm.*
+from .capabilities import HAS_TRITON, MAX_GROUPS, MAX_INT_KERNEL_ROWS
+from .ops import grouped_up, int_weight_mm, lowrank_down  # registers torch.ops.odllm.*
 
 MAX_KERNEL_TOKENS = int(os.environ.get("ODLLM_KERNEL_MAX_TOKENS", "1"))
+#: Integer factors take the Triton kernel up to this many tokens on CUDA, eager included: aten's CUDA int8
+#: kernel is slower than the bf16 product it replaces even at one token (see triton_intweight).
+MAX_INT_KERNEL_TOKENS = int(os.environ.get("ODLLM_INT_KERNEL_MAX_TOKENS", "16"))
 ENABLED = os.environ.get("ODLLM_KERNELS", "1") != "0"
 _SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
 
 
-def use_kernels(x: torch.Tensor, tokens: int) -> bool:
-    """Whether the Triton path applies to ``tokens`` rows of ``x`` (CUDA, 16-bit, inference, few tokens)."""
+def _small_cuda_inference(x: torch.Tensor, tokens: int, limit: int) -> bool:
     return (
         ENABLED
         and HAS_TRITON
         and x.is_cuda
         and x.dtype in _SUPPORTED_DTYPES
-        and tokens <= MAX_KERNEL_TOKENS
+        and tokens <= limit
         and not torch.is_grad_enabled()
-        and (torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing())
     )
 
 
-__all__ = ["HAS_TRITON", "MAX_GROUPS", "MAX_KERNEL_TOKENS", "grouped_up", "lowrank_down", "use_kernels"]
+def use_kernels(x: torch.Tensor, tokens: int) -> bool:
+    """Whether the Triton path applies to ``tokens`` rows of ``x`` (CUDA, 16-bit, inference, few tokens)."""
+    return _small_cuda_inference(x, tokens, MAX_KERNEL_TOKENS) and (
+        torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing()
+    )
+
+
+def use_int_kernel(x: torch.Tensor, tokens: int) -> bool:
+    """Whether integer factors take the Triton kernel for ``tokens`` rows of ``x`` (CUDA, 16-bit, inference).
+
+    The environment's limit is capped at :data:`MAX_INT_KERNEL_ROWS` (one tile holds every row)."""
+    return _small_cuda_inference(x, tokens, min(MAX_INT_KERNEL_TOKENS, MAX_INT_KERNEL_ROWS))
+
+
+__all__ = ["HAS_TRITON", "MAX_GROUPS", "MAX_INT_KERNEL_TOKENS", "MAX_KERNEL_TOKENS", "grouped_up", "int_weight_mm",
+           "lowrank_down", "use_int_kernel", "use_kernels"]

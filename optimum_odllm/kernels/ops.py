@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from .capabilities import HAS_TRITON
 
 if HAS_TRITON:
-    from . import triton_lowrank
+    from . import triton_intweight, triton_lowrank
 
 
 def _plain_grouped_up(t: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor]) -> torch.Tensor:
@@ -47,3 +47,24 @@ def grouped_up(t: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.
 @grouped_up.register_fake
 def _grouped_up_fake(t: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor]) -> torch.Tensor:
     return t.new_empty((t.shape[0], sum(w.shape[0] for w in weights)))
+
+
+@torch.library.custom_op("odllm::int_weight_mm", mutates_args=())
+def int_weight_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int,
+                  group_size: int) -> torch.Tensor:
+    """``x[M, K] @ W^T`` for integer codes in the checkpoint's layout (``group_size`` 0: int8 per channel).
+
+    Triton on CUDA; elsewhere the dequantized product, the reference the kernel is tested against.
+    """
+    if HAS_TRITON and x.is_cuda:
+        return triton_intweight.int_weight(x.contiguous(), qweight, scales, zeros, bits, group_size or None)
+    from ..quantization.kernels import dequantize_storage  # lazy: the quantization package imports this one
+
+    weight = dequantize_storage(qweight, scales, zeros, bits, group_size or None, torch.float32)
+    return F.linear(x.float(), weight).to(x.dtype)
+
+
+@int_weight_mm.register_fake
+def _int_weight_mm_fake(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                        bits: int, group_size: int) -> torch.Tensor:
+    return x.new_empty((x.shape[0], qweight.shape[0]))

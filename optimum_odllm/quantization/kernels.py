@@ -55,7 +55,7 @@ def dequantize_storage(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch
 class PreparedWeight:
     """A factor in the layout of the kernel chosen for one (device, compute dtype)."""
 
-    kernel: str  # "aten_int8", "aten_int4_cpu", "aten_int4_cuda" or "dequantized"
+    kernel: str  # "aten_int8", "aten_int4_cpu", "aten_int4_cuda", "int8_dequantize_per_call" or "dequantized"
     compute_dtype: torch.dtype
     weight: torch.Tensor
     scales: torch.Tensor | None = None  # int8: [out]; int4: scale-and-zero [in // g, out, 2]
@@ -86,7 +86,12 @@ def _kernel_for(bits: int, out_features: int, in_features: int, group_size: int 
     if bits == 8:
         # CPU: aten's int8 kernel segfaults for in_features not a multiple of 16 with 2+ tokens (torch 2.13,
         # measured: K = 8, 12, 24, 40); such factors (tiny ranks) take the dequantized path.
-        return "aten_int8" if device.type == "cuda" or in_features % CPU_INT8_K_MULTIPLE == 0 else "dequantized"
+        # CUDA: aten's int8 kernel ran 0.07x (1 token) to 0.009x (64 tokens) the speed of the bf16 product on an
+        # H200 (benchmarks/README.md section 7): rescale the codes per call and use cuBLAS (few tokens take the
+        # Triton kernel before this point, see QuantizedFactor.forward).
+        if device.type == "cuda":
+            return "int8_dequantize_per_call"
+        return "aten_int8" if in_features % CPU_INT8_K_MULTIPLE == 0 else "dequantized"
     if device.type == "cpu" and group_size in CPU_INT4_GROUPS and out_features % 16 == 0:
         return "aten_int4_cpu"
     if (device.type == "cuda" and group_size in CPU_INT4_GROUPS and out_features % 8 == 0
@@ -95,13 +100,25 @@ def _kernel_for(bits: int, out_features: int, in_features: int, group_size: int 
     return "dequantized"
 
 
+def triton_preferred_on_cuda(bits: int, out_features: int, in_features: int, group_size: int | None) -> bool:
+    """Whether a factor runs the Triton kernel of ``optimum_odllm.kernels`` at few tokens on CUDA.
+
+    int8: always (aten's kernel is the slow one above). int4: only where aten's tinygemm cannot take the shape:
+    on the Llama-7B layer at 1 token tinygemm ran 1.72x the bf16 speed, the Triton kernel 0.83x (H200, 2026-12-02).
+    """
+    if bits == 8:
+        return True
+    return (group_size or 0) % 32 == 0 and _kernel_for(4, out_features, in_features, group_size,
+                                                       torch.device("cuda")) == "dequantized"
+
+
 def prepare(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int,
             group_size: int | None, in_features: int, compute_dtype: torch.dtype) -> PreparedWeight:
     """Build the kernel layout of a stored factor on ``qweight.device`` (dequantized fallback elsewhere)."""
     device = qweight.device
     out_features = qweight.shape[0]
     kernel = _kernel_for(bits, out_features, in_features, group_size, device)
-    if kernel == "aten_int8":
+    if kernel in ("aten_int8", "int8_dequantize_per_call"):
         return PreparedWeight(kernel, compute_dtype, qweight.contiguous(), scales.to(compute_dtype).contiguous())
     if kernel == "aten_int4_cpu":
         codes = unpack_int4(qweight).to(torch.int32)
@@ -120,6 +137,8 @@ def matmul(x2d: torch.Tensor, prepared: PreparedWeight) -> torch.Tensor:
     """``x2d [tokens, in] @ W^T`` with the prepared kernel; ``x2d`` must already be in ``compute_dtype``."""
     if prepared.kernel == "aten_int8":
         return torch.ops.aten._weight_int8pack_mm(x2d, prepared.weight, prepared.scales)
+    if prepared.kernel == "int8_dequantize_per_call":  # int8 codes are exact in bf16/fp16; one rounding by the scale
+        return F.linear(x2d, prepared.weight.to(x2d.dtype) * prepared.scales[:, None])
     if prepared.kernel == "aten_int4_cpu":
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x2d, prepared.weight, prepared.group_size, prepared.scales)
     if prepared.kernel == "aten_int4_cuda":

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..lowrank import LowRankLinear
+from ..kernels import use_int_kernel
 from . import kernels
 from .gptq import SCALE_DTYPE, QuantizedWeight, effective_group_size, quantize_lowrank_factors
 
@@ -82,6 +83,15 @@ class QuantizedFactor(nn.Module):
         only when the stored buffers change (reloaded weights), which invalidates such graphs anyway.
         """
         compute = kernels.compute_dtype_for(x_dtype, device, self.bits)
+        if torch.compiler.is_compiling():
+            # Inside torch.compile the data-pointer check would break the graph at every factor. The layout an
+            # eager call cached (generate's prefill runs eagerly first) is read as a graph input; without one,
+            # the layout is built inside the graph (correct, rebuilt on every call).
+            entry = self._prepared.get((device, compute))
+            if entry is not None:
+                return entry
+            return kernels.prepare(self.qweight, self.scales, self.zeros, self.bits, self.group_size,
+                                   self.in_features, compute)
         stored = [t for t in (self.qweight, self.scales, self.zeros) if t is not None]
         signature = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in stored)
         if signature != getattr(self, "_prepared_for", None):  # getattr: modules pickled before this attribute
@@ -103,9 +113,23 @@ class QuantizedFactor(nn.Module):
         """Name of the kernel a float32 input on this module's device would use now."""
         return self.prepared(self.qweight.device, torch.float32).kernel
 
+    #: Set False to keep the aten/cuBLAS paths on CUDA (benchmarks compare them).
+    prefer_triton: bool = True
+
+    @property
+    def triton_ready(self) -> bool:
+        """Whether few-token products on CUDA take the Triton kernel (int8; int4 only where tinygemm cannot)."""
+        return self.prefer_triton and kernels.triton_preferred_on_cuda(self.bits, self.out_features, self.in_features,
+                                                                       self.group_size)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        prepared = self.prepared(x.device, x.dtype)
-        y = kernels.matmul(x.reshape(-1, self.in_features).to(prepared.compute_dtype), prepared)
+        x2d = x.reshape(-1, self.in_features)
+        if use_int_kernel(x2d, x2d.shape[0]) and self.triton_ready:
+            y = torch.ops.odllm.int_weight_mm(x2d, self.qweight, self.scales, self.zeros, self.bits,
+                                              self.group_size or 0)
+        else:
+            prepared = self.prepared(x.device, x.dtype)
+            y = kernels.matmul(x2d.to(prepared.compute_dtype), prepared)
         y = y.reshape(*x.shape[:-1], self.out_features)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)

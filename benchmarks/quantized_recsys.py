@@ -17,7 +17,8 @@ GPTQ on the dense weights (:func:`recsys_common.gptq_dense_fake_quantize`, this 
 simulated by dequantized weights: quality only), and ``odllm+recovery`` / ``no_progressive+recovery``: the
 compressed model's factors fine-tuned for ``--recovery-epochs`` at ``--recovery-lr`` on the dense model's own
 training samples (:mod:`optimum_odllm.recovery`); ``odllm+recovery+int8 rtn`` then rounds the fine-tuned factors
-to int8; ``dense+recovery`` is the control: the same extra training given to the dense model. Choose such settings with ``--score-validation`` (every model
+to int8; ``dense+recovery`` is the control: the same schedule given to the dense model (all its weights, not only
+the decoder linears: extra training, not a matched parameter set). Choose such settings with ``--score-validation`` (every model
 scored on the validation users), then score the test users once.
 
     python benchmarks/quantized_recsys.py --seeds 0 1 2 --out-dir runs/quant-recsys \\
@@ -85,7 +86,7 @@ RECOVERED: dict[str, tuple[str, int | None]] = {
     "odllm+recovery": ("odllm", None),
     "no_progressive+recovery": ("no_progressive", None),
     "odllm+recovery+int8 rtn": ("odllm", 8),
-    "dense+recovery": ("dense", None),  # control: the same extra training on the dense model (all weights)
+    "dense+recovery": ("dense", None),  # control: the same schedule fine-tuning ALL of the dense model's weights
 }
 DEFAULT_VARIANTS = "odllm,no_progressive,odllm+int8 gptq,odllm+int4 gptq,gptq-w4,gptq-w3"
 METRIC = "NDCG@10"
@@ -228,7 +229,7 @@ def labels_to_run(args: argparse.Namespace) -> list[tuple[str, str, float]]:
         if RECOVERED.get(name, ("",))[0] == "dense":
             out.append((name, name, 1.0))
             continue
-        ratios = args.rtn_ratios if name.endswith("rtn") else args.ratios
+        ratios = args.rtn_ratios if name.endswith("rtn") and name not in RECOVERED else args.ratios
         out.extend((f"{name}@{r:g}", name, r) for r in ratios)
     return out
 

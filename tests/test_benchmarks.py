@@ -129,13 +129,22 @@ def test_integer_weights_swaps_every_decoder_linear_and_matches_dequantized(bits
         kinds = {type(m) for n, m in quantized.named_modules() if ".layers." in n and n.endswith("_proj")}
         assert kinds == ({QuantizedLowRankLinear} if lowrank else {QuantizedFactor})
         assert isinstance(quantized.lm_head, nn.Linear)
-        reference = dequantize_model(copy.deepcopy(quantized)) if lowrank else None
+        if lowrank:
+            reference = dequantize_model(copy.deepcopy(quantized))
+        else:  # dense codes back to float nn.Linear weights
+            from optimum_odllm.lowrank import set_submodule
+
+            reference = copy.deepcopy(quantized)
+            for name, module in list(reference.named_modules()):
+                if isinstance(module, QuantizedFactor):
+                    linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+                    linear.weight.data = module.dequantized_weight()
+                    set_submodule(reference, name, linear)
         ids = torch.randint(0, 64, (1, 9))
-        with torch.no_grad():
+        with torch.no_grad():  # same codes as float weights: only kernel rounding (bf16 activations) differs
             out = quantized(ids).logits
-            if reference is not None:  # same codes as float factors: only kernel rounding differs
-                torch.testing.assert_close(out, reference(ids).logits, atol=0.05, rtol=0.05)
-            assert torch.isfinite(out).all()
+            torch.testing.assert_close(out, reference(ids).logits, atol=0.05, rtol=0.05)
+            assert not torch.allclose(out, model(ids).logits, atol=1e-6)  # the weights really were rounded
 
 
 def test_recovery_variants_need_epochs():

@@ -356,7 +356,7 @@ def test_quantized_factors_compile_in_one_graph(bits):
 # down of down_proj 11008 -> 1408) and odd sizes that exercise the masks and the halved int4 groups.
 INT_SHAPES = [(1, 1152, 4096, 8, None), (1, 11008, 1408, 8, None), (16, 1408, 11008, 8, None), (3, 200, 1000, 8, None),
               (1, 1152, 4096, 4, 128), (1, 11008, 1408, 4, 128), (7, 1408, 11008, 4, 128), (2, 192, 320, 4, 64),
-              (1, 96, 192, 4, 32)]
+              (1, 96, 192, 4, 32), (33, 1152, 4096, 8, None), (64, 1408, 4096, 4, 128)]
 
 
 def stored_factor(out: int, inp: int, bits: int, group: int | None, seed: int) -> QuantizedFactor:
@@ -420,7 +420,18 @@ def test_every_int_kernel_config_matches_dequantized_reference(m, out, inp, bits
         y = triton_intweight.int_weight_with(x, factor.qweight, factor.scales, factor.zeros, bits, factor.group_size,
                                              config)
         assert ((y.double() - ref).abs() <= bound).all(), config
-    assert ((factor(x).double() - ref).abs() <= bound).all()  # the module's dispatch (Triton at <= 16 tokens)
+    calls = []
+    original = triton_intweight.int_weight
+    triton_intweight.int_weight = lambda *a: calls.append(a) or original(*a)
+    try:
+        with torch.no_grad():  # the module's dispatch: Triton for int8, and for int4 where tinygemm cannot
+            y = factor(x)
+    finally:
+        triton_intweight.int_weight = original
+    assert ((y.double() - ref).abs() <= bound).all()
+    from optimum_odllm import kernels as gpu_kernels
+
+    assert bool(calls) == (factor.triton_ready and m <= min(gpu_kernels.MAX_INT_KERNEL_TOKENS, gpu_kernels.MAX_INT_KERNEL_ROWS))
 
 
 @pytest.mark.gpu
@@ -429,10 +440,12 @@ def test_every_int_kernel_config_matches_dequantized_reference(m, out, inp, bits
 def test_int_factors_below_and_above_the_token_limit_match_reference_eager_and_compiled(bits):
     from optimum_odllm import kernels as gpu_kernels
 
-    module = make_quantized(bits, seed=15).cuda()
+    torch.manual_seed(15)  # in 192 is not a multiple of 128: tinygemm cannot take int4 here, Triton does
+    module = QuantizedLowRankLinear.from_lowrank(LowRankLinear(192, 256, 128, bias=True), None, bits, 64, "rtn").cuda()
+    assert module.down.triton_ready  # (int4's up, 128 -> 256, fits tinygemm)
     reference = module.dequantize(torch.float64).cuda()
-    for tokens in (1, gpu_kernels.MAX_INT_KERNEL_TOKENS + 1):  # Triton (int8), then the prepared kernel
-        x = torch.randn(tokens, 256, device="cuda", dtype=torch.bfloat16)
+    for tokens in (1, gpu_kernels.MAX_INT_KERNEL_TOKENS + 1):  # Triton, then the prepared kernel
+        x = torch.randn(tokens, 192, device="cuda", dtype=torch.bfloat16)
         bound = 2**-7 * ((x.abs().double() @ reference.down.weight.abs().T) @ reference.up.weight.abs().T) + 2**-7
         with torch.no_grad():
             eager = module(x)
@@ -456,3 +469,21 @@ def test_int_kernel_token_limit_is_capped_at_one_tile(monkeypatch):
     with torch.no_grad():
         assert gpu_kernels.use_int_kernel(x, gpu_kernels.MAX_INT_KERNEL_ROWS)
         assert not gpu_kernels.use_int_kernel(x, gpu_kernels.MAX_INT_KERNEL_ROWS + 1)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_compiled_factor_sees_reloaded_weights(bits):
+    # Inside torch.compile the cached kernel layout is read without the data-pointer check: loading new weights
+    # (or moving/casting the module) must drop it, or a compiled model keeps multiplying by the old weights.
+    torch._dynamo.reset()
+    a, b = make_quantized(bits, seed=17), make_quantized(bits, seed=18)
+    x = torch.randn(3, 256, dtype=torch.bfloat16)
+    with torch.no_grad():
+        a(x)  # eager call: caches the layout
+        compiled = torch.compile(a, backend="aot_eager")
+        before = compiled(x)
+        a.load_state_dict(b.state_dict())
+        after = compiled(x)
+    assert not torch.equal(after, before)
+    assert torch.equal(after, b(x))
+    torch._dynamo.reset()

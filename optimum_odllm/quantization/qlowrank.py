@@ -75,6 +75,17 @@ class QuantizedFactor(nn.Module):
         """The float ``[out, in]`` weight the kernel multiplies by (reference and the LoRA/merge path)."""
         return kernels.dequantize_storage(self.qweight, self.scales, self.zeros, self.bits, self.group_size, dtype)
 
+    def _drop_layouts(self) -> None:
+        self._prepared, self._prepared_for = {}, ()
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self._drop_layouts()  # compiled code reads the cached layout without checking the stored buffers
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> "QuantizedFactor":
+        self._drop_layouts()  # .to() / .cuda() / casts: same reason
+        return super()._apply(fn, recurse)
+
     def prepared(self, device: torch.device, x_dtype: torch.dtype) -> kernels.PreparedWeight:
         """Kernel layout for this device and activation dtype, rebuilt when the stored buffers change.
 
@@ -86,7 +97,8 @@ class QuantizedFactor(nn.Module):
         if torch.compiler.is_compiling():
             # Inside torch.compile the data-pointer check would break the graph at every factor. The layout an
             # eager call cached (generate's prefill runs eagerly first) is read as a graph input; without one,
-            # the layout is built inside the graph (correct, rebuilt on every call).
+            # the layout is built inside the graph (correct, rebuilt on every call). Loading, moving or casting
+            # the module drops the cache (_load_from_state_dict, _apply), so a stale layout is never read.
             entry = self._prepared.get((device, compute))
             if entry is not None:
                 return entry

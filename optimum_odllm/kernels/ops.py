@@ -57,8 +57,9 @@ def int_weight_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
     Triton on CUDA; elsewhere the dequantized product, the reference the kernel is tested against.
     """
     if HAS_TRITON and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):  # fp32 would run tl.dot in TF32
-        return triton_intweight.int_weight(x.contiguous(), qweight.contiguous(), scales.contiguous(),
-                                           None if zeros is None else zeros.contiguous(), bits, group_size or None)
+        with torch.cuda.device(x.device):  # Triton launches on the current device: models split over GPUs
+            return triton_intweight.int_weight(x.contiguous(), qweight.contiguous(), scales.contiguous(),
+                                               None if zeros is None else zeros.contiguous(), bits, group_size or None)
     from ..quantization.kernels import dequantize_storage  # lazy: the quantization package imports this one
 
     weight = dequantize_storage(qweight, scales, zeros, bits, group_size or None, torch.float32)

@@ -17,7 +17,7 @@ GPTQ on the dense weights (:func:`recsys_common.gptq_dense_fake_quantize`, this 
 simulated by dequantized weights: quality only), and ``odllm+recovery`` / ``no_progressive+recovery``: the
 compressed model's factors fine-tuned for ``--recovery-epochs`` at ``--recovery-lr`` on the dense model's own
 training samples (:mod:`optimum_odllm.recovery`); ``odllm+recovery+int8 rtn`` then rounds the fine-tuned factors
-to int8; ``dense+recovery`` is the control: the same schedule given to the dense model (all its weights, not only
+to int8 (:func:`optimum_odllm.quantization.quantize_factors`); ``dense+recovery`` is the control: the same schedule given to the dense model (all its weights, not only
 the decoder linears: extra training, not a matched parameter set). Choose such settings with ``--score-validation`` (every model
 scored on the validation users), then score the test users once.
 
@@ -48,8 +48,8 @@ from common import machine_info, markdown_table, write_json  # also puts the rep
 from recsys_common import gptq_dense_fake_quantize, grouped_storage_bits_per_weight
 
 from optimum_odllm import ODLLMCompressor, ODLLMConfig  # noqa: E402
-from optimum_odllm.lowrank import LowRankLinear, set_submodule  # noqa: E402
-from optimum_odllm.quantization import QuantizedLowRankLinear  # noqa: E402
+from optimum_odllm.lowrank import LowRankLinear  # noqa: E402
+from optimum_odllm.quantization import QuantizedLowRankLinear, quantize_factors  # noqa: E402
 from optimum_odllm.quantization.gptq import effective_group_size  # noqa: E402
 from optimum_odllm.recsys import (  # noqa: E402
     PACKED_SEQREC_TEMPLATE,
@@ -199,10 +199,7 @@ def build_variant(name: str, ratio: float, model: nn.Module, tokenizer, calibrat
         compressed = recovery(compressed)
         if bits is None:
             return compressed, nbytes
-        for module_name, module in list(compressed.named_modules()):
-            if isinstance(module, LowRankLinear):
-                set_submodule(compressed, module_name,
-                              QuantizedLowRankLinear.from_lowrank(module, None, bits, GROUP_SIZE, "rtn"))
+        quantize_factors(compressed, bits, GROUP_SIZE)
         return compressed, decoder_linear_bytes(compressed)
     spec = VARIANTS[name]
     if isinstance(spec, tuple):

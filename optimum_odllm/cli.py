@@ -329,6 +329,9 @@ def run_train(args: argparse.Namespace) -> Path:
     samples = build_instruction_samples(encoder, split.train, tasks=args.tasks, history=args.history, packed=packed,
                                         short=packed, seed=args.seed)
     compressed = bool(lowrank_modules(model))
+    if args.factor_bits is not None and not compressed and args.compress_ratio is None:
+        raise CLIError("--factor-bits needs an OD-LLM-compressed --model (its recovered factors are rounded) or "
+                       "--compress-ratio (compress at the end with integer factors).")
     if args.lora and not compressed:
         raise CLIError("--lora is for recovery fine-tuning of an OD-LLM-compressed --model; this model has no factors.")
     if compressed:
@@ -354,12 +357,18 @@ def run_train(args: argparse.Namespace) -> Path:
                 "data can be ill-conditioned off the calibration distribution (look for a huge grad_norm in the "
                 "first logs): lower --lr, use --lora, or compress again with more/more varied calibration data."
             )
+        if args.factor_bits is not None:
+            from .quantization import quantize_factors
+
+            quantize_factors(model, args.factor_bits, args.factor_group_size)
+            logger.info(f"Rounded the recovered factors to int{args.factor_bits} (RTN).")
     output = Path(args.output) / "model"
     with tempfile.TemporaryDirectory() as tmp_index:
         index_file = index.save(tmp_index)
         if args.compress_ratio is not None:
             config = ODLLMConfig(ratio=args.compress_ratio, rank_multiple=args.rank_multiple,
-                                 num_calibration_samples=args.calibration_samples, min_calibration_tokens=16)
+                                 num_calibration_samples=args.calibration_samples, min_calibration_tokens=16,
+                                 factor_bits=args.factor_bits, factor_group_size=args.factor_group_size)
             compressor = ODLLMCompressor(model, config=config, tokenizer=tokenizer)
             compressor.compress(sample_calibration(samples, args.calibration_samples, args.seed))
             compressor.calibration_source = f"{data.name} training samples ({compressor.report.num_calibration_samples} sampled)"

@@ -192,6 +192,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         "--train-all", action="store_true",
         help="also train non-factor weights (embeddings, norms, head) of a compressed model; default trains factors only.",
     )
+    group.add_argument(
+        "--factor-bits", type=int, choices=[8, 4], default=None,
+        help="store the factors as int8/int4 codes after training: a compressed --model's recovered factors are "
+        "rounded (RTN, quantize_factors); with --compress-ratio the compression quantizes them (GPTQ).",
+    )
+    group.add_argument("--factor-group-size", type=int, default=128, help="int4 group size for --factor-bits (default: 128).")
     group = parser.add_argument_group("compress at the end of training")
     group.add_argument(
         "--compress-ratio", type=float, default=None,

@@ -118,6 +118,24 @@ def test_train_evaluate_compress_recover_end_to_end(tmp_path, capsys):
     config = json.loads((recovered / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "odllm" and (recovered / "item_index.json").is_file()
 
+    # recovery, then the recovered factors rounded to int8: a quantized checkpoint that loads
+    main(["train", *data, "--model", str(comp), "-o", str(tmp_path / "rec8"), "--max-steps", "2", "--batch-size", "8",
+          "--factor-bits", "8"])
+    rec8 = tmp_path / "rec8" / "model"
+    q = json.loads((rec8 / "config.json").read_text())["quantization_config"]
+    assert (q["factor_bits"], q["factor_quantizer"]) == (8, "rtn")
+    from optimum_odllm.quantization import QuantizedLowRankLinear
+
+    from transformers import AutoModelForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(rec8)
+    assert any(isinstance(m, QuantizedLowRankLinear) for m in loaded.modules())
+    with pytest.raises(SystemExit):  # a dense model has no factors to round
+        main(["train", *data, "--model", str(dense), "-o", str(tmp_path / "bad"), "--max-steps", "1",
+              "--factor-bits", "8"])
+    assert "--factor-bits needs an OD-LLM-compressed" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
     main(["train", *data, "--model", str(dense), "-o", str(tmp_path / "cat"), "--max-steps", "2", "--batch-size", "8",
           "--compress-ratio", "0.5", "--calibration-samples", "16"])
     assert (tmp_path / "cat" / "model" / "README.md").is_file()

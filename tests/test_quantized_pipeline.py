@@ -255,3 +255,43 @@ def test_codes_and_scales_load_unchanged_whatever_dtype_the_model_loads_in(saved
     assert keys
     for key in keys:
         assert loaded[key].dtype == original[key].dtype and torch.equal(loaded[key], original[key]), key
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_quantize_factors_after_recovery_round_trips(bits, tmp_path):
+    # compress (float factors) -> change the factors as recovery fine-tuning would -> round them to integers ->
+    # save_pretrained -> from_pretrained gives the same logits; the config says how the factors were made
+    from optimum_odllm.quantization import quantize_factors
+
+    model = compressed().model
+    before_recovery = logits(model)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, LowRankLinear):
+                module.up.weight.mul_(1.5)  # "recovered" factors: not what compression produced
+    recovered = logits(model)
+    quantize_factors(model, bits, group_size=32)
+    modules = quantized_modules(model)
+    assert modules and all(m.bits == bits for m in modules.values())
+    assert not any(isinstance(m, LowRankLinear) for m in model.modules())
+    close = logits(model)
+    # the codes stand for the recovered factors (not the compressor's), and the kernels run those codes
+    assert (close - recovered).abs().max() < (close - before_recovery).abs().max()
+    reference = logits(dequantize_model(copy.deepcopy(model)))
+    torch.testing.assert_close(close, reference, atol=0.02, rtol=0.02)
+    model.save_pretrained(tmp_path / "q")
+    saved_config = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert (saved_config["factor_bits"], saved_config["factor_quantizer"]) == (bits, "rtn")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    assert torch.equal(logits(loaded), close)
+    with pytest.raises(ValueError, match="already integer"):
+        quantize_factors(model, bits)
+
+
+def test_quantize_factors_refuses_models_it_cannot_quantize():
+    from optimum_odllm.quantization import quantize_factors
+
+    with pytest.raises(ValueError, match="OD-LLM compressed"):
+        quantize_factors(tiny_model(), 8)
+    with pytest.raises(ValueError, match="bits must be 8 or 4"):
+        quantize_factors(compressed().model, 3)

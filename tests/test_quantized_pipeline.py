@@ -295,3 +295,19 @@ def test_quantize_factors_refuses_models_it_cannot_quantize():
         quantize_factors(tiny_model(), 8)
     with pytest.raises(ValueError, match="bits must be 8 or 4"):
         quantize_factors(compressed().model, 3)
+
+
+def test_dequantize_model_then_save_load_and_requantize(tmp_path):
+    # the documented recovery path on a quantized checkpoint: dequantize_model -> (fine-tune) -> save or
+    # quantize_factors. The config must stop saying factor_bits, or the saved float factors cannot be loaded.
+    from optimum_odllm.quantization import quantize_factors
+
+    model = compressed(factor_bits=8).model
+    dequantize_model(model)
+    assert model.config.quantization_config.factor_bits is None
+    model.save_pretrained(tmp_path / "float")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "float")
+    assert any(isinstance(m, LowRankLinear) for m in loaded.modules())
+    assert torch.equal(logits(loaded), logits(model))
+    quantize_factors(model, 4, group_size=32)
+    assert model.config.quantization_config.factor_bits == 4

@@ -306,11 +306,30 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
     ``dtype`` defaults to each module's bias dtype, else float32."""
     from ..lowrank import set_submodule
 
+    found = False
     for name, module in list(model.named_modules()):
         if isinstance(module, QuantizedLowRankLinear):
             target = dtype or (module.bias.dtype if module.bias is not None else torch.float32)
             set_submodule(model, name, module.dequantize(target))
+            found = True
+    if found:  # saving must describe float factors now, or the checkpoint would not load
+        _set_factor_storage(model, None, None, None)
     return model
+
+
+def _set_factor_storage(model: nn.Module, bits: int | None, group_size: int | None, quantizer: str | None) -> None:
+    """Record how the factors are stored in the model's OD-LLM ``quantization_config`` (and its quantizer)."""
+    from ..hf_quantizer import ODLLMHfQuantizer
+
+    config = getattr(getattr(model, "config", None), "quantization_config", None)
+    if config is None or getattr(config, "quant_method", None) != "odllm":
+        return
+    updates = {"factor_bits": bits}
+    if bits is not None:
+        updates.update(factor_group_size=group_size, factor_quantizer=quantizer)
+    new_config = type(config).from_dict({**config.to_dict(), **updates})
+    model.config.quantization_config = new_config
+    model.hf_quantizer = ODLLMHfQuantizer(new_config, pre_quantized=True)
 
 
 def quantize_factors(model: nn.Module, bits: Literal[8, 4], group_size: int = 128) -> nn.Module:
@@ -323,7 +342,6 @@ def quantize_factors(model: nn.Module, bits: Literal[8, 4], group_size: int = 12
     quantized model. On the ML-100K recommender this recipe kept 100.8% of dense NDCG@10 at ratio 0.5 + int8
     (docs/recsys.md).
     """
-    from ..hf_quantizer import ODLLMHfQuantizer
     from ..lowrank import set_submodule
 
     if bits not in (8, 4):
@@ -344,10 +362,7 @@ def quantize_factors(model: nn.Module, bits: Literal[8, 4], group_size: int = 12
             replacement.up.bias.data = replacement.up.bias.data.to(bias_dtype)
         replacement.train(module.training)
         set_submodule(model, name, replacement)
-    new_config = type(config).from_dict({**config.to_dict(), "factor_bits": bits, "factor_group_size": group_size,
-                                         "factor_quantizer": "rtn"})
-    model.config.quantization_config = new_config
-    model.hf_quantizer = ODLLMHfQuantizer(new_config, pre_quantized=True)
+    _set_factor_storage(model, bits, group_size, "rtn")
     return model
 
 

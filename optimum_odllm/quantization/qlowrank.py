@@ -317,12 +317,18 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
     return model
 
 
+def _odllm_config(model: nn.Module) -> Any:
+    """The model's OD-LLM ``quantization_config``, or None for any other model."""
+    config = getattr(getattr(model, "config", None), "quantization_config", None)
+    return config if getattr(config, "quant_method", None) == "odllm" else None
+
+
 def _set_factor_storage(model: nn.Module, bits: int | None, group_size: int | None, quantizer: str | None) -> None:
     """Record how the factors are stored in the model's OD-LLM ``quantization_config`` (and its quantizer)."""
     from ..hf_quantizer import ODLLMHfQuantizer
 
-    config = getattr(getattr(model, "config", None), "quantization_config", None)
-    if config is None or getattr(config, "quant_method", None) != "odllm":
+    config = _odllm_config(model)
+    if config is None:
         return
     updates = {"factor_bits": bits}
     if bits is not None:
@@ -346,8 +352,8 @@ def quantize_factors(model: nn.Module, bits: Literal[8, 4], group_size: int = 12
 
     if bits not in (8, 4):
         raise ValueError(f"bits must be 8 or 4, got {bits!r}")
-    config = getattr(getattr(model, "config", None), "quantization_config", None)
-    if config is None or getattr(config, "quant_method", None) != "odllm":
+    config = _odllm_config(model)
+    if config is None:
         raise ValueError("quantize_factors needs an OD-LLM compressed model (ODLLMCompressor output or an OD-LLM "
                          "checkpoint loaded with `import optimum_odllm`).")
     if any(isinstance(m, QuantizedLowRankLinear) for m in model.modules()) or config.factor_bits is not None:
@@ -356,10 +362,7 @@ def quantize_factors(model: nn.Module, bits: Literal[8, 4], group_size: int = 12
     if not factors:
         raise ValueError("the model has no LowRankLinear factors to quantize.")
     for name, module in factors:
-        bias_dtype = None if module.bias is None else module.bias.dtype
-        replacement = QuantizedLowRankLinear.from_lowrank(module, None, bits, group_size, "rtn")
-        if bias_dtype is not None:
-            replacement.up.bias.data = replacement.up.bias.data.to(bias_dtype)
+        replacement = QuantizedLowRankLinear.from_lowrank(module, None, bits, group_size, "rtn")  # bias dtype kept
         replacement.train(module.training)
         set_submodule(model, name, replacement)
     _set_factor_storage(model, bits, group_size, "rtn")

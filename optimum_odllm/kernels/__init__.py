@@ -23,7 +23,7 @@ import os
 
 import torch
 
-from .capabilities import HAS_TRITON, MAX_GROUPS, MAX_INT_KERNEL_ROWS
+from .capabilities import HAS_TRITON, KERNEL_DTYPES, MAX_GROUPS, MAX_INT_KERNEL_ROWS
 from .ops import grouped_up, int_weight_mm, lowrank_down  # registers torch.ops.odllm.*
 
 MAX_KERNEL_TOKENS = int(os.environ.get("ODLLM_KERNEL_MAX_TOKENS", "1"))
@@ -31,7 +31,6 @@ MAX_KERNEL_TOKENS = int(os.environ.get("ODLLM_KERNEL_MAX_TOKENS", "1"))
 #: kernel is slower than the bf16 product it replaces even at one token (see triton_intweight).
 MAX_INT_KERNEL_TOKENS = int(os.environ.get("ODLLM_INT_KERNEL_MAX_TOKENS", "16"))
 ENABLED = os.environ.get("ODLLM_KERNELS", "1") != "0"
-_SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def _small_cuda_inference(x: torch.Tensor, tokens: int, limit: int) -> bool:
@@ -39,7 +38,7 @@ def _small_cuda_inference(x: torch.Tensor, tokens: int, limit: int) -> bool:
         ENABLED
         and HAS_TRITON
         and x.is_cuda
-        and x.dtype in _SUPPORTED_DTYPES
+        and x.dtype in KERNEL_DTYPES
         and tokens <= limit
         and not torch.is_grad_enabled()
     )

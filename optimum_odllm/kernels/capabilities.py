@@ -13,3 +13,5 @@ import torch
 HAS_TRITON = importlib.util.find_spec("triton") is not None and torch.cuda.is_available()
 MAX_GROUPS = 3  # up factors one grouped_up launch takes (q/k/v)
 MAX_INT_KERNEL_ROWS = 64  # the integer kernel keeps all rows in one tile (BLOCK_M); more rows take another path
+# activations the Triton kernels take (float32 would run tl.dot in TF32)
+KERNEL_DTYPES = (torch.bfloat16, torch.float16)

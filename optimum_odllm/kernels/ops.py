@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .capabilities import HAS_TRITON
+from .capabilities import HAS_TRITON, KERNEL_DTYPES
 
 if HAS_TRITON:
     from . import triton_intweight, triton_lowrank
@@ -56,7 +56,7 @@ def int_weight_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
 
     Triton on CUDA; elsewhere the dequantized product, the reference the kernel is tested against.
     """
-    if HAS_TRITON and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):  # fp32 would run tl.dot in TF32
+    if HAS_TRITON and x.is_cuda and x.dtype in KERNEL_DTYPES:
         with torch.cuda.device(x.device):  # Triton launches on the current device: models split over GPUs
             return triton_intweight.int_weight(x.contiguous(), qweight.contiguous(), scales.contiguous(),
                                                None if zeros is None else zeros.contiguous(), bits, group_size or None)

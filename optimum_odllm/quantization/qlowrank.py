@@ -55,6 +55,8 @@ class QuantizedFactor(nn.Module):
             self.register_parameter("bias", None)
         self._prepared: dict[tuple, kernels.PreparedWeight] = {}
         self._prepared_for: tuple = ()
+        # fixed by the shape: decided once here, not on every forward
+        self._triton_shape = kernels.triton_preferred_on_cuda(bits, out_features, in_features, self.group_size)
 
     @classmethod
     def from_quantized(cls, qw: QuantizedWeight, bias: torch.Tensor | None = None) -> "QuantizedFactor":
@@ -131,8 +133,7 @@ class QuantizedFactor(nn.Module):
     @property
     def triton_ready(self) -> bool:
         """Whether few-token products on CUDA take the Triton kernel (int8; int4 only where tinygemm cannot)."""
-        return self.prefer_triton and kernels.triton_preferred_on_cuda(self.bits, self.out_features, self.in_features,
-                                                                       self.group_size)
+        return self.prefer_triton and self._triton_shape
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2d = x.reshape(-1, self.in_features)

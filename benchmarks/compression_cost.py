@@ -3,7 +3,9 @@
 The model lives on the CPU; decoder layers visit ``--device`` one at a time (as a 7B model would
 on one GPU). Random weights are fine for timing; calibration is random token ids.
 Stages come from ``CompressionReport.stage_seconds``: capture, statistics (forward passes +
-covariance accumulation), cholesky, alignment, svd, propagate.
+covariance accumulation), solve (cholesky, alignment, svd), refine, propagate. ``--refine-steps`` defaults to 0
+(the closed form, as every documented cost table was measured); ``--refine-steps 256`` times the library's
+default block refinement.
 
 GPU (Llama-7B shape, 256 x 2048 calibration tokens)::
 
@@ -44,6 +46,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--solver-dtype", default="float64")
     p.add_argument("--svd-driver", default=None)
     p.add_argument("--no-progressive", action="store_true")
+    p.add_argument("--refine-steps", type=int, default=0, help="block refinement steps per layer (0: closed form only)")
+    p.add_argument("--refine-lr", type=float, default=1e-4)
     p.add_argument("--check-gesvda", action="store_true", help="also compare gesvda against the default SVD driver")
     p.add_argument("--sweep", action="store_true", help="CPU scaling sweep over width and calibration size")
     p.add_argument("--sweep-hidden", default="256,512,1024", help="hidden sizes of the sweep (intermediate = 2.6875 x hidden)")
@@ -65,6 +69,7 @@ def run_once(args: argparse.Namespace, hidden: int, intermediate: int, heads: in
         ratio=args.ratio, progressive=not args.no_progressive, rank_multiple=args.rank_multiple,
         num_calibration_samples=samples, calibration_seq_len=seq_len, calibration_batch_size=args.batch_size,
         covariance_dtype=args.cov_dtype, solver_dtype=args.solver_dtype, svd_driver=args.svd_driver,
+        refine_steps=args.refine_steps, refine_lr=args.refine_lr,
     )
     start, cpu_start = time.perf_counter(), time.process_time()
     compressor = ODLLMCompressor(model, config)
@@ -118,7 +123,7 @@ def main() -> None:
     if args.check_gesvda and args.device.startswith("cuda"):
         results["gesvda"] = gesvda_check(args.device)
         print("gesvda", results["gesvda"])
-    cols = ["layers", "hidden", "tokens", "wall_s", "process_cpu_s", "capture_s", "statistics_s", "cholesky_s", "alignment_s", "svd_s", "propagate_s", "peak_gpu_gib", "kept_ratio"]
+    cols = ["layers", "hidden", "tokens", "wall_s", "process_cpu_s", "capture_s", "statistics_s", "cholesky_s", "alignment_s", "svd_s", "solve_s", "refine_s", "propagate_s", "peak_gpu_gib", "kept_ratio"]
     print(markdown_table(results["runs"], cols))
     write_json(args.out, results)
 

@@ -154,7 +154,7 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict[str, dict[str, list[fl
     dense_covs = input_covariances(model, calib)
     dense_gptq = {f"dense {label} {method}": quantized_copy(model, dense_covs, bits, method, False)
                   for label, bits, method in QUANT}
-    lowrank = ODLLMCompressor.from_pretrained(model, config=ODLLMConfig(ratio=args.ratio)).compress(calib)
+    lowrank = ODLLMCompressor.from_pretrained(model, config=ODLLMConfig(ratio=args.ratio, refine_steps=0)).compress(calib)  # closed form, as measured
     covs = input_covariances(lowrank, calib)
     lowrank_logits = logits_of(lowrank, held_out)
     results = {"lowrank": logit_errors(lowrank, dense_logits, lowrank_logits, held_out)}

@@ -11,7 +11,9 @@ dense with the standard error of the paired per-user difference divided by the d
 the mean of the per-seed "kept" with its standard error over seeds. Bytes are those of the decoder-layer
 linears (codes, scales, zeros, biases) relative to the same modules as dense 16-bit weights.
 
-Variants (``--variants``): ``odllm`` (defaults), ``no_progressive`` (the one-shot ablation),
+Variants (``--variants``): ``odllm`` (the library's defaults), ``closed_form`` (no block refinement),
+``no_progressive`` (the one-shot ablation, no refinement),
+``odllm+refine`` / ``no_progressive+refine`` (block refinement: ``--refine-steps`` at ``--refine-lr``),
 ``odllm+int8 gptq|rtn``, ``odllm+int4 gptq|rtn`` (``factor_bits``), and ``gptq-w4`` / ``gptq-w3`` / ``gptq-w8``:
 GPTQ on the dense weights (:func:`recsys_common.gptq_dense_fake_quantize`, this library's GPTQ solver, g128,
 simulated by dequantized weights: quality only), and ``odllm+recovery`` / ``no_progressive+recovery``: the
@@ -68,9 +70,14 @@ from optimum_odllm.recsys.instructions import packed_sequences  # noqa: E402
 
 #: name -> (ODLLMConfig overrides) for OD-LLM variants, or ("gptq", bits) for GPTQ on the dense weights.
 VARIANTS: dict[str, Any] = {
-    "odllm": {},
-    "no_progressive": {"progressive": False},
-    "odllm+int8 gptq": {"factor_bits": 8, "factor_quantizer": "gptq"},
+    "odllm": {},  # the library's defaults, whatever they are
+    "closed_form": {"refine_steps": 0},  # whitening + SVD + progressive update, no block refinement
+    "no_progressive": {"progressive": False, "refine_steps": 0},
+    "odllm+refine": {"refine": True},  # block refinement, --refine-steps at --refine-lr
+    "no_progressive+refine": {"progressive": False, "refine": True},
+    "odllm+int8 gptq": {"factor_bits": 8, "factor_quantizer": "gptq"},  # defaults: refined, then rounded
+    "closed_form+int8 gptq": {"factor_bits": 8, "factor_quantizer": "gptq", "refine_steps": 0},
+    "closed_form+int4 gptq": {"factor_bits": 4, "factor_quantizer": "gptq", "refine_steps": 0},
     "odllm+int8 rtn": {"factor_bits": 8, "factor_quantizer": "rtn"},
     "odllm+int4 gptq": {"factor_bits": 4, "factor_quantizer": "gptq"},
     "odllm+int4 rtn": {"factor_bits": 4, "factor_quantizer": "rtn"},
@@ -140,7 +147,8 @@ def train_or_load(seed: int, args: argparse.Namespace, data, split) -> tuple[nn.
     encoder = InstructionEncoder(tokenizer, index, data.item_text)
     samples = training_samples(encoder, split, seed)
     model = build_offline_model(tokenizer, hidden_size=args.hidden_size, num_layers=args.layers, num_heads=args.heads,
-                                seed=seed)
+                                max_positions=max(256, 4 * (split.history + 1) + 16),
+                                attention_dropout=args.attention_dropout, seed=seed)
     start = time.time()
     model = train_recommender(model, tokenizer, samples, dense_dir.parent / "trainer", epochs=args.epochs,
                               learning_rate=args.lr, batch_size=args.batch_size, seed=seed, disable_tqdm=True).eval()
@@ -153,7 +161,7 @@ def train_or_load(seed: int, args: argparse.Namespace, data, split) -> tuple[nn.
 
 def training_samples(encoder: InstructionEncoder, split, seed: int) -> list[dict]:
     """The dense recipe's training samples (also what recovery fine-tuning sees): train split only."""
-    return build_instruction_samples(encoder, split.train, tasks=("seqrec", "item2index"), history=20,
+    return build_instruction_samples(encoder, split.train, tasks=("seqrec", "item2index"), history=split.history,
                                      packed=True, short=True, seed=seed)
 
 
@@ -162,6 +170,9 @@ def mean_se(values: list[float]) -> tuple[float, float]:
 
 
 def variant_config(ratio: float, overrides: dict[str, Any], args: argparse.Namespace) -> ODLLMConfig:
+    overrides = dict(overrides)
+    if overrides.pop("refine", False):
+        overrides.update(refine_steps=args.refine_steps, refine_lr=args.refine_lr)
     return ODLLMConfig(ratio=ratio, rank_multiple=8, num_calibration_samples=args.calibration_samples,
                        min_calibration_tokens=16, factor_group_size=GROUP_SIZE, **overrides)
 
@@ -169,7 +180,7 @@ def variant_config(ratio: float, overrides: dict[str, Any], args: argparse.Names
 def calibration_of(seed: int, encoder: InstructionEncoder, split, args: argparse.Namespace) -> list[list[int]]:
     """Packed training sequences (the model's own input distribution), never test targets."""
     rng = random.Random(seed)
-    chunks = packed_sequences(split.train, 20)
+    chunks = packed_sequences(split.train, split.history)
     return [encoder.prompt_ids(PACKED_SEQREC_TEMPLATE, c) for c in rng.sample(chunks, args.calibration_samples)]
 
 
@@ -305,6 +316,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--history", type=int, default=20,
+                        help="items of history per prompt, in training chunks, calibration and evaluation (SASRec's "
+                             "baseline in benchmarks/sasrec.py reads 50)")
+    parser.add_argument("--attention-dropout", type=float, default=0.0, help="dropout on the attention weights while training")
     parser.add_argument("--calibration-samples", type=int, default=256)
     parser.add_argument("--max-eval-users", type=int, default=None, help="default: all test users")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -312,6 +327,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--train-only", action="store_true", help="train (or load) and evaluate on validation users only")
     parser.add_argument("--recovery-epochs", type=float, default=0.0, help="epochs of the +recovery variants")
     parser.add_argument("--recovery-lr", type=float, default=1e-4)
+    parser.add_argument("--refine-steps", type=int, default=256, help="refine_steps of the +refine variants")
+    parser.add_argument("--refine-lr", type=float, default=1e-4, help="refine_lr of the +refine variants")
     parser.add_argument("--score-validation", action="store_true",
                         help="score every model on the validation users instead of the test users (to choose "
                              "settings such as --recovery-lr without looking at test users)")
@@ -330,7 +347,7 @@ def main(argv=None) -> None:
                       machine=files[0]["machine"])
     torch.set_num_threads(args.threads)
     data = load_movielens_100k(None)
-    split = leave_one_out(data.sequences, history=20)
+    split = leave_one_out(data.sequences, history=args.history)
     scored = split.valid if args.score_validation else split.test
     test = scored[: args.max_eval_users] if args.max_eval_users else scored
     per_seed: dict[int, dict[str, Any]] = {}

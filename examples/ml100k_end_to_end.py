@@ -88,7 +88,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--beams", type=int, default=20)
     p.add_argument("--ratios", type=float, nargs="+", default=[0.5], help="OD-LLM kept ratios to evaluate")
-    p.add_argument("--ablation-ratio", type=float, default=0.5, help="ratio of the no-whitening/no-progressive/SVD runs")
+    p.add_argument("--ablation-ratio", type=float, default=0.5, help="ratio of the closed-form, no-whitening, no-progressive and SVD runs")
     p.add_argument("--calibration-samples", type=int, default=256)
     p.add_argument("--max-eval-users", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
@@ -112,14 +112,17 @@ def seed_everything(seed: int) -> None:
 
 
 def variants(args) -> list[tuple[str, ODLLMConfig]]:
-    """OD-LLM at every requested ratio, plus the ablations at ``--ablation-ratio``."""
+    """OD-LLM (default settings) at every requested ratio, plus at ``--ablation-ratio`` the closed form
+    without block refinement and the ablations of its parts (closed form too)."""
     common = {"rank_multiple": 8, "num_calibration_samples": args.calibration_samples, "min_calibration_tokens": 16}
     out = [(f"odllm@{r:g}", ODLLMConfig(ratio=r, **common)) for r in args.ratios]
     r = args.ablation_ratio
+    closed = {**common, "refine_steps": 0}
     out += [
-        (f"odllm-no-whitening@{r:g}", ODLLMConfig(ratio=r, whitening=False, **common)),
-        (f"odllm-no-progressive@{r:g}", ODLLMConfig(ratio=r, progressive=False, **common)),
-        (f"svd@{r:g}", ODLLMConfig(ratio=r, whitening=False, progressive=False, **common)),
+        (f"odllm-closed-form@{r:g}", ODLLMConfig(ratio=r, **closed)),
+        (f"odllm-no-whitening@{r:g}", ODLLMConfig(ratio=r, whitening=False, **closed)),
+        (f"odllm-no-progressive@{r:g}", ODLLMConfig(ratio=r, progressive=False, **closed)),
+        (f"svd@{r:g}", ODLLMConfig(ratio=r, whitening=False, progressive=False, **closed)),
     ]
     return out
 

@@ -89,7 +89,7 @@ def add_setting_arguments(parser: argparse.ArgumentParser) -> None:
             group.add_argument(*flags, dest=setting.name, choices=choices, type=type(choices[0]),
                                default=setting.default, help=help_text)
         else:
-            kind = {"fraction": float, "damping": float, "int": int}.get(setting.kind, str)
+            kind = {"fraction": float, "damping": float, "rate": float, "int": int, "steps": int}.get(setting.kind, str)
             group.add_argument(*flags, dest=setting.name, type=kind, default=setting.default, help=help_text)
 
 

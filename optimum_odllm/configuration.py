@@ -95,6 +95,11 @@ class ODLLMConfig(QuantizationConfigMixin):
             elif kind == "damping":
                 if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
                     raise ValueError(f"{setting.name} must be a number in [0, 1), got {value!r} (0.01 is a good default)")
+            elif kind == "rate":
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                    raise ValueError(f"{setting.name} must be a positive number, got {value!r}")
+            elif kind == "steps" and value is not None and (not _is_int(value) or value < 0):
+                raise ValueError(f"{setting.name} must be None (the default) or an integer >= 0 (0 turns it off), got {value!r}")
             elif kind == "bool" and not isinstance(value, bool):
                 raise ValueError(f"{setting.name} must be True or False, got {value!r}")
             elif kind == "int":

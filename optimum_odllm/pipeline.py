@@ -4,7 +4,8 @@ For each layer: **statistics** (forward the stored inputs with hooks that accumu
 input group and, with progressive alignment, ``X^T X_ref`` against the original model's inputs),
 **solve** (:func:`optimum_odllm.solvers.solve_module`, a pure function), **write back**
 (:mod:`optimum_odllm.factor_storage`: float ``LowRankLinear`` factors, or with ``factor_bits`` integer factors
-quantized against the covariance just collected), **propagate**
+quantized against the covariance just collected), **refine** (:mod:`optimum_odllm.refinement`: a few Adam
+steps on the layer's float factors toward the dense layer's outputs, before any integer rounding), **propagate**
 (push the drifted stream through the compressed, possibly quantized, layer, so the next layer's statistics
 see the rounding too) and **checkpoint** (:mod:`optimum_odllm.checkpointing`). The stages are timed into
 the report.
@@ -26,8 +27,9 @@ from .calibration import CalibrationSet
 from .checkpointing import LayerCheckpointer
 from .layerwise import ActivationHooks, LayerInputs, capture_first_layer_inputs, run_layer
 from .linalg import check_finite
-from .factor_storage import FactorStorage, factor_storage
+from .factor_storage import FactorStorage, FloatFactors, factor_storage
 from .ranks import ModuleShape, allocate_ranks
+from .refinement import RefinementBatch, refine_block, resolve_refine_steps
 from .result import CompressionReport, ModuleReport
 from .solvers import SolveProblem, solve_data_free, solve_module, solver_dtype
 from .targets import find_decoder_layers, linear_shape, linear_weight
@@ -83,6 +85,7 @@ def _solve_and_install(
     model: nn.Module, name: str, module: nn.Module, rank: int, covariance: torch.Tensor,
     cross: torch.Tensor | None, config: Any, storage: FactorStorage, timer: StageTimer,
 ) -> ModuleReport:
+    """Solve one module in closed form and write its factors back through ``storage``."""
     dtype = solver_dtype(config)
     problem = SolveProblem(
         name=name,
@@ -109,6 +112,7 @@ def compress_data_free(
             "factor_quantizer='gptq' weighs the rounding error by the input covariance, which needs calibration "
             "data: pass calibration data, or use factor_quantizer='rtn' for data-free plain rounding."
         )
+    resolve_refine_steps(config.refine_steps, calibrated=False)  # an explicit refine_steps > 0 is refused here
     dtype, storage = solver_dtype(config), factor_storage(config)
     for name, module in logging.tqdm(list(targets.items()), desc="OD-LLM plain SVD"):
         rank = ranks[name]
@@ -148,6 +152,32 @@ def _resume(
     return start, state.reference, state.drifted
 
 
+def _refine_then_store(
+    model: nn.Module, layer: nn.Module, index: int, solved: dict[str, tuple[torch.Tensor, ModuleReport]],
+    layer_inputs: list[torch.Tensor], reference: LayerInputs, steps: int, storage: FactorStorage, config: Any,
+    report: CompressionReport, device: torch.device, timer: StageTimer,
+) -> None:
+    """Block refinement of this layer's float factors toward the dense layer's outputs
+    (:mod:`optimum_odllm.refinement`), then the write-back ``storage`` asks for (e.g. integer codes)."""
+    factors = [p for name in solved for p in (model.get_submodule(name).down.weight, model.get_submodule(name).up.weight)]
+    batches = [RefinementBatch(x, kwargs, mask, target) for x, (target, kwargs, mask) in zip(layer_inputs, reference)]
+    with timer("refine"):
+        outcome = refine_block(layer, factors, batches, steps, config.refine_lr, device, f"layer {index}")
+    report.refinement.append({"layer": index, **asdict(outcome)})
+    logger.info(
+        f"OD-LLM refinement, layer {index}: held-out block error {outcome.held_out_before:.4g} -> "
+        f"{outcome.held_out_after:.4g} (kept the factors of step {outcome.steps})"
+    )
+    if isinstance(storage, FloatFactors):
+        return
+    dtype = solver_dtype(config)
+    with timer(storage.stage):
+        for name, (covariance, entry) in solved.items():
+            refined = model.get_submodule(name)
+            storage.install(model, name, refined.up.weight.detach().to(dtype), refined.down.weight.detach().to(dtype),
+                            covariance.to(dtype), entry)
+
+
 def compress_layerwise(
     model: nn.Module, targets: dict[str, nn.Module], ranks: dict[str, int | None], calibration: CalibrationSet,
     config: Any, report: CompressionReport, device: torch.device, timer: StageTimer,
@@ -161,6 +191,9 @@ def compress_layerwise(
     drifted: LayerInputs | None = None  # inputs seen through the compressed prefix (progressive only)
     cov_dtype = _COV_DTYPES[config.covariance_dtype]
     storage = factor_storage(config)
+    refine_steps = resolve_refine_steps(config.refine_steps, calibrated=True)
+    # with refinement the solve writes float factors, refined before `storage` (e.g. integer codes) takes them
+    solve_storage = FloatFactors() if refine_steps else storage
     start = 0
     if checkpointer is not None and resume and checkpointer.exists():
         start, ref_hidden, drift_hidden = _resume(
@@ -182,6 +215,8 @@ def compress_layerwise(
             if config.progressive and drifted is None:
                 # Both streams are identical until the first compressed layer: share the tensors.
                 drifted = reference.with_hidden(list(reference.hidden))
+            # what this layer receives (the stats loop below overwrites `reference.hidden` with its outputs)
+            layer_inputs = list((drifted or reference).hidden) if refine_steps else None
             with timer("statistics"):
                 # Outputs overwrite the inputs batch by batch, so only two streams (reference and
                 # drifted) are ever held: the memory bound of a 7B run on one GPU.
@@ -192,6 +227,7 @@ def compress_layerwise(
                         hooks.clear_recorded()
                     reference.hidden[b] = output
             hooks.remove()
+            solved: dict[str, tuple[torch.Tensor, ModuleReport]] = {}  # name -> (covariance, report)
             for local_name, group in hooks.stats.group_of.items():
                 name = prefix + local_name
                 module = layer_targets[name]
@@ -199,14 +235,17 @@ def compress_layerwise(
                     report.modules.append(ModuleReport(name, *linear_shape(module), None))
                     continue
                 cross = hooks.stats.cross_covariance.get(group) if aligned else None
-                report.modules.append(
-                    _solve_and_install(
-                        model, name, module, ranks[name], hooks.stats.covariance[group], cross, config, storage, timer
-                    )
-                )
+                covariance = hooks.stats.covariance[group]
+                entry = _solve_and_install(model, name, module, ranks[name], covariance, cross, config, solve_storage, timer)
+                report.modules.append(entry)
+                solved[name] = (covariance, entry)
             missing = set(n[len(prefix):] for n in layer_targets) - set(hooks.stats.group_of)
             if missing:
                 raise RuntimeError(f"Modules {sorted(missing)} of layer {index} were never called during calibration.")
+            if layer_inputs is not None:
+                _refine_then_store(model, layer, index, solved, layer_inputs, reference, refine_steps, storage, config,
+                                   report, device, timer)
+                layer_inputs = None  # let the drifted inputs go once propagate replaces them
             with timer("propagate"):
                 if config.progressive:
                     for b, (hidden, kwargs, _) in enumerate(drifted):

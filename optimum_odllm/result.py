@@ -49,6 +49,8 @@ class CompressionReport:
     num_calibration_tokens: int = 0
     stage_seconds: dict[str, float] = field(default_factory=dict)
     modules: list[ModuleReport] = field(default_factory=list)
+    #: per refined layer (``refine_steps``): held-out block error before/after and the step kept
+    refinement: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def kept_ratio(self) -> float:

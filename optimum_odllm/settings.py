@@ -18,7 +18,7 @@ class Setting:
     name: str
     default: Any
     help: str
-    kind: str  # "fraction" | "bool" | "int" | "names" | "choice" | "name"
+    kind: str  # "fraction" | "damping" | "bool" | "int" | "steps" (None or int >= 0) | "rate" (float > 0) | "names" | "choice" | "name"
     choices: tuple = ()
     aliases: tuple[str, ...] = ()  # extra CLI spellings kept for compatibility
 
@@ -57,6 +57,12 @@ SETTINGS: tuple[Setting, ...] = (
             "truncation metric; 0 needs --allow-undamped-alignment)", "damping"),
     Setting("allow_undamped_alignment", False, "accept alignment_damping=0 with progressive alignment (exact "
             "least squares, which can blow up on scarce or rank-deficient calibration data; docs/alignment.md)", "bool"),
+    Setting("refine_steps", None, "block refinement after each layer's closed-form solve: Adam steps (one calibration "
+            "batch each) on the layer's float factors toward the dense layer's outputs, keeping the factors with the "
+            "lowest error on held-out calibration batches (never worse than the closed form on them), then "
+            "factor_bits rounding; default (none): 256 whenever there is calibration data; 0 turns it off "
+            "(the closed form of the paper)", "steps"),
+    Setting("refine_lr", 1e-4, "Adam learning rate of the block refinement", "rate"),
     Setting("solver_dtype", "float64", "dtype of the Cholesky, least-squares and SVD solves (float32 is much faster "
             "on GPUs)", "choice", choices=("float64", "float32")),
     Setting("svd_driver", None, "torch.linalg.svd driver on CUDA (gesvda is ~10x faster than the default at "

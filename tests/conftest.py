@@ -68,3 +68,15 @@ def llama():
 @pytest.fixture
 def calib():
     return calibration_ids()
+
+
+#: refinement steps of the *default* (``refine_steps=None``) in unit tests: the same code path as the library's
+#: 256, at a fraction of the time (test_refinement.py checks the real default; subprocess tests run 256)
+TEST_DEFAULT_REFINE_STEPS = 8
+
+
+@pytest.fixture(autouse=True)
+def _short_default_refinement(monkeypatch):
+    import optimum_odllm.refinement as refinement
+
+    monkeypatch.setattr(refinement, "DEFAULT_REFINE_STEPS", TEST_DEFAULT_REFINE_STEPS)

@@ -60,6 +60,21 @@ def test_compress_from_text_file(tmp_path, capsys):
     assert (out / "item_index.json").is_file() and (out / "tokenizer.json").is_file()
 
 
+def test_compress_with_block_refinement_flags(tmp_path, capsys):
+    base = make_base_dir(tmp_path)
+    calib = tmp_path / "calib.txt"
+    calib.write_text("\n".join(random_sentences(16, 20)) + "\n")
+    out = tmp_path / "out"
+    argv = ["compress", str(base), "-o", str(out), "--calibration", str(calib), "--device", "cpu", *TINY]
+    assert main([*argv, "--refine-steps", "4", "--refine-lr", "0.001"]) == 0
+    saved = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert saved["refine_steps"] == 4 and saved["refine_lr"] == 0.001
+    assert "| `refine_steps` | `4` |" in (out / "README.md").read_text()
+    with pytest.raises(SystemExit):
+        main([*argv, "-o", str(tmp_path / "out2"), "--refine-steps", "-1"])
+    assert "refine_steps must be None (the default) or an integer >= 0" in capsys.readouterr().err
+
+
 def test_compress_from_jsonl_dataset_and_errors(tmp_path, capsys):
     base = make_base_dir(tmp_path)
     data = tmp_path / "calib.jsonl"

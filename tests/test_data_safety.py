@@ -271,6 +271,7 @@ def test_every_config_setting_is_part_of_the_resume_fingerprint(monkeypatch):
         "covariance_dtype": "float32", "solver_dtype": "float32", "svd_driver": "gesvda", "alignment_damping": 0.05,
         "block_name_to_compress": "model.layers", "alignment": "test_variant",
         "factor_bits": 8, "factor_group_size": 64, "factor_quantizer": "rtn", "allow_undamped_alignment": True,
+        "refine_steps": 0, "refine_lr": 1e-3,
     }
     settings = set(ODLLMConfig.settings())
     assert settings >= set(changed), settings ^ set(changed)

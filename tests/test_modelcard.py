@@ -52,6 +52,10 @@ def test_saved_card_has_every_field_and_valid_metadata(tmp_path):
         "Parameter bytes", "### Per-layer ranks", "`self_attn.q_proj`", "## Limitations", "0.1875",
     ):
         assert needle in text, needle
+    entries = report.refinement  # the default refines: the card says what it did, from the report
+    assert entries and f"| Block refinement | yes, {len(entries)} layers (" in text
+    before = sum(e["held_out_before"] for e in entries) / len(entries)
+    assert f"mean over layers, {before:.3g} -> " in text
     q_rank = compressor.config.ranks["model.layers.0.self_attn.q_proj"]
     assert f"| 0 | {q_rank} |" in text
     assert "could not be detected" not in text

@@ -23,13 +23,13 @@ def test_ml100k_quick_end_to_end(tmp_path):
                     "--quick"], check=True, env=env, timeout=600)
     results = json.loads((tmp_path / "results.json").read_text())
     assert (results["dataset"], results["users"], results["items"]) == ("ml-100k", 943, 1682)
-    for name in ("popularity", "popularity-unseen", "dense", "odllm@0.5", "odllm-no-whitening@0.5",
-                 "odllm-no-progressive@0.5", "svd@0.5"):
+    for name in ("popularity", "popularity-unseen", "dense", "odllm@0.5", "odllm-closed-form@0.5",
+                 "odllm-no-whitening@0.5", "odllm-no-progressive@0.5", "svd@0.5"):
         for r in (results[name], results[name].get("unmasked", results[name])):
             assert METRICS <= set(r), name
             assert all(0.0 <= r[m] <= 1.0 and 0.0 <= r[m + "_se"] <= 0.5 for m in METRICS), name
     table = (tmp_path / "results.md").read_text()
-    assert "HR@10 unmasked" in table and table.count("±") == 6 * 7  # popularity, dense, 4 variants x (5 masked + 2 unmasked)
+    assert "HR@10 unmasked" in table and table.count("±") == 7 * 7  # popularity, dense, 5 variants x (5 masked + 2 unmasked)
     assert results["odllm@0.5"]["params"] < results["dense"]["params"]
     assert results["svd@0.5"]["params"] == results["odllm@0.5"]["params"]  # same size, different method
     assert (tmp_path / "results.md").read_text().count("|") > 20

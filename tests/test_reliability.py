@@ -80,8 +80,10 @@ def test_tokenizer_output_mapping_is_accepted_and_padding_masked():
     texts = [" ".join(s.split()[: 10 + i]) for i, s in enumerate(random_sentences(8, 20))]  # ragged -> padding
     encoded = tok(texts, padding=True, return_tensors="pt")
     a, b = tiny_model(), tiny_model()
-    ODLLMCompressor(a, small_config(min_calibration_tokens=8), tokenizer=tok).compress(encoded)
-    ODLLMCompressor(b, small_config(min_calibration_tokens=8, calibration_batch_size=1), tokenizer=tok).compress(
+    # closed form (refine_steps=0): the statistics are what must ignore padding; batch size 1 vs 8 changes the
+    # refinement's batches
+    ODLLMCompressor(a, small_config(min_calibration_tokens=8, refine_steps=0), tokenizer=tok).compress(encoded)
+    ODLLMCompressor(b, small_config(min_calibration_tokens=8, calibration_batch_size=1, refine_steps=0), tokenizer=tok).compress(
         [tok(t)["input_ids"] for t in texts]
     )
     for (name, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
@@ -89,7 +91,7 @@ def test_tokenizer_output_mapping_is_accepted_and_padding_masked():
     # GPTQ-style list of per-sample dicts gives the very same statistics
     c = tiny_model()
     samples = [{"input_ids": ids, "attention_mask": mask} for ids, mask in zip(encoded["input_ids"].tolist(), encoded["attention_mask"].tolist())]
-    ODLLMCompressor(c, small_config(min_calibration_tokens=8), tokenizer=tok).compress(samples)
+    ODLLMCompressor(c, small_config(min_calibration_tokens=8, refine_steps=0), tokenizer=tok).compress(samples)
     for (name, p), (_, q) in zip(a.named_parameters(), c.named_parameters()):
         assert torch.equal(p, q), name
 

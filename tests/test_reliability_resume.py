@@ -26,7 +26,8 @@ NUM_LAYERS = 4
 
 
 def make_config(**overrides) -> ODLLMConfig:
-    settings = dict(ratio=0.5, rank_multiple=8, calibration_batch_size=4)
+    # refine_steps pinned: the SIGKILL test's child process does not see conftest's shortened default
+    settings = dict(ratio=0.5, rank_multiple=8, calibration_batch_size=4, refine_steps=8)
     settings.update(overrides)
     return ODLLMConfig(**settings)
 
@@ -162,7 +163,7 @@ CHILD = textwrap.dedent(
             return original_save(tensors, path, metadata=metadata)
         checkpointing.save_file = save_file
     model = tiny_model(num_hidden_layers={layers})
-    config = ODLLMConfig(ratio=0.5, rank_multiple=8, calibration_batch_size=4)
+    config = ODLLMConfig(ratio=0.5, rank_multiple=8, calibration_batch_size=4, refine_steps=8)  # as make_config
     ODLLMCompressor(model, config).quantize(sys.argv[1], calibration_dataset=calibration_ids(12, 16))
     print("finished", flush=True)
     """

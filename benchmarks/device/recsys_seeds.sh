@@ -1,12 +1,7 @@
 #!/bin/bash
 # Issues 12+14 device run 2: three candidate recipes x 3 seeds trained, the recipe chosen by mean VALIDATION
 # NDCG@10, then every variant of the chosen recipe's 3 models (split over processes that load the same saved model).
-set -o pipefail
-cd "$(dirname "$0")/../.." || exit 1  # the repository root
-T0=$(date +%s)
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false TQDM_DISABLE=1
-B=benchmarks/quantized_recsys.py
+source "$(dirname "$0")/setup.sh"
 mkdir -p /tmp/s1 /tmp/s2
 train() {  # name seed layers hidden heads epochs lr
   timeout 270 python3 $B --train-only --seeds $2 --layers $3 --hidden-size $4 --heads $5 --epochs $6 --lr $7 --threads 1 \
@@ -18,18 +13,7 @@ for s in 0 1 2; do
   train L4H256e4 $s 4 256 4 4 1e-3 &
 done
 wait
-BEST=$(python3 - <<'PY' | tee -a $OUT/log | tail -1
-import json, glob, statistics
-runs = {}
-for f in glob.glob('/tmp/s1/*.json'):
-    name = f.split('/')[-1].rsplit('_s', 1)[0]
-    for seed, v in json.load(open(f))['per_seed'].items():
-        runs.setdefault(name, []).append(v['dense']['validation']['NDCG@10'][0])
-for name, vals in sorted(runs.items()):
-    print(name, len(vals), [round(v, 4) for v in vals], round(statistics.fmean(vals), 4))
-print(max((n for n in runs if len(runs[n]) == 3), key=lambda n: statistics.fmean(runs[n])))
-PY
-)
+BEST=$(python3 benchmarks/device/best_by_validation.py '/tmp/s1/*.json' | tee -a $OUT/log | tail -1)
 echo "chosen by validation: $BEST, t=$(( $(date +%s) - T0 ))" | tee -a $OUT/log
 LEFT=$(( 560 - ($(date +%s) - T0) ))
 part() {  # seed part variants ratios

@@ -59,13 +59,14 @@ def build_offline_tokenizer(item_texts: Sequence[str], index: ItemIndex, vocab_s
 
 def build_offline_model(tokenizer: PreTrainedTokenizerBase, hidden_size: int = 128, num_layers: int = 2,
                         num_heads: int = 4, intermediate_size: int | None = None, max_positions: int = 256,
-                        seed: int = 0) -> LlamaForCausalLM:
-    """A small randomly initialised Llama sized to the tokenizer (no download)."""
+                        attention_dropout: float = 0.0, seed: int = 0) -> LlamaForCausalLM:
+    """A small randomly initialised Llama sized to the tokenizer (no download); ``attention_dropout`` is
+    active in training only (Llama has no other dropout)."""
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size or 4 * hidden_size,
         num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_heads,
-        max_position_embeddings=max_positions, pad_token_id=tokenizer.pad_token_id,
+        max_position_embeddings=max_positions, attention_dropout=attention_dropout, pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False,
     )
     return LlamaForCausalLM(config)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -137,6 +137,7 @@ class ResumeState:
     modules: list[dict[str, Any]]
     reference: list[torch.Tensor]
     drifted: list[torch.Tensor] | None
+    refinement: list[dict[str, Any]] = field(default_factory=list)  # per refined layer, as in the report
 
 
 class LayerCheckpointer:
@@ -209,16 +210,19 @@ class LayerCheckpointer:
         self._manifest = manifest
         factors: dict[str, torch.Tensor] = {}
         modules: list[dict[str, Any]] = []
+        refinement: list[dict[str, Any]] = []
         for entry in manifest["layers"]:
             factors.update(self._load(entry["file"]))
             modules.extend(entry["modules"])
+            if isinstance(entry.get("refinement"), dict):
+                refinement.append(entry["refinement"])
         state = self._load(manifest["state_file"])
         try:
             reference = [state[f"reference.{b}"] for b in range(num_batches)]
             drifted = [state[f"drifted.{b}"] for b in range(num_batches)] if "drifted.0" in state else None
         except KeyError as err:
             raise self.fail(f"{manifest['state_file']} lacks hidden states {err}") from None
-        return ResumeState(manifest["completed_layers"], factors, modules, reference, drifted)
+        return ResumeState(manifest["completed_layers"], factors, modules, reference, drifted, refinement)
 
     def restore(
         self,
@@ -254,8 +258,10 @@ class LayerCheckpointer:
         modules: list[dict[str, Any]],
         reference: list[torch.Tensor],
         drifted: list[torch.Tensor] | None,
+        refinement: dict[str, Any] | None = None,
     ) -> None:
-        """Record that layers ``0..index`` are done (factors of layer ``index`` + streams for layer ``index+1``)."""
+        """Record that layers ``0..index`` are done (factors of layer ``index`` + streams for layer ``index+1``;
+        ``refinement``: that layer's entry of the report's ``refinement``, if it was refined)."""
         self.directory.mkdir(parents=True, exist_ok=True)
         if self._manifest is None:
             # index > 0 without load(): continue the manifest on disk (it holds layers 0..index-1)
@@ -284,7 +290,10 @@ class LayerCheckpointer:
         if previous_state and previous_state != state_file:
             digests.pop(previous_state, None)
         self._manifest["digests"] = digests
-        self._manifest["layers"] = self._manifest["layers"][:index] + [{"index": index, "file": layer_file, "modules": modules}]
+        layer_entry = {"index": index, "file": layer_file, "modules": modules}
+        if refinement is not None:
+            layer_entry["refinement"] = refinement
+        self._manifest["layers"] = self._manifest["layers"][:index] + [layer_entry]
         self._manifest["completed_layers"] = index + 1
         self._manifest["state_file"] = state_file
         text = json.dumps(self._manifest, indent=1)

@@ -285,9 +285,9 @@ def build_model_card(
 
 def refinement_summary(report: Any) -> str:
     """What block refinement did, from the report: steps kept and the held-out block error, mean over layers."""
-    entries = getattr(report, "refinement", None) if report else None
     if report is None:
         return "n/a"
+    entries = getattr(report, "refinement", None)
     if not entries:
         return "no (closed form)"
     mean = lambda key: sum(e[key] for e in entries) / len(entries)  # noqa: E731

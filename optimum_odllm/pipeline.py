@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import time
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any, Iterator
 
 import torch
@@ -81,10 +81,21 @@ def plan_ranks(shapes: list[ModuleShape], config: Any) -> dict[str, int | None]:
     return ranks
 
 
+@dataclass
+class SolvedModule:
+    """One module of the current layer after its closed-form solve (solver dtype): what the integer write-back
+    after refinement needs, including the closed-form factors for when refinement keeps them."""
+
+    covariance: torch.Tensor
+    report: ModuleReport
+    up: torch.Tensor
+    down: torch.Tensor
+
+
 def _solve_and_install(
     model: nn.Module, name: str, module: nn.Module, rank: int, covariance: torch.Tensor,
     cross: torch.Tensor | None, config: Any, storage: FactorStorage, timer: StageTimer,
-) -> ModuleReport:
+) -> SolvedModule:
     """Solve one module in closed form and write its factors back through ``storage``."""
     dtype = solver_dtype(config)
     problem = SolveProblem(
@@ -99,7 +110,7 @@ def _solve_and_install(
     report = ModuleReport.solved(name, linear_shape(module), rank, solution.factors.singular_values, solution.jitter)
     with timer(storage.stage):
         storage.install(model, name, solution.factors.up, solution.factors.down, problem.covariance, report)
-    return report
+    return SolvedModule(problem.covariance, report, solution.factors.up, solution.factors.down)
 
 
 def compress_data_free(
@@ -145,6 +156,7 @@ def _resume(
         state, expected, lambda name, tensors: storage.restore(model, name, ranks[name], tensors)
     )
     report.modules.extend(ModuleReport(**entry) for entry in state.modules)
+    report.refinement.extend(state.refinement)
     logger.warning(
         f"OD-LLM: resuming from the checkpoint in {checkpointer.directory}: layers 0..{start - 1} "
         f"are restored, continuing with layer {start} of {num_layers}."
@@ -153,7 +165,7 @@ def _resume(
 
 
 def _refine_then_store(
-    model: nn.Module, layer: nn.Module, index: int, solved: dict[str, tuple[torch.Tensor, ModuleReport]],
+    model: nn.Module, layer: nn.Module, index: int, solved: dict[str, SolvedModule],
     layer_inputs: list[torch.Tensor], reference: LayerInputs, steps: int, storage: FactorStorage, config: Any,
     report: CompressionReport, device: torch.device, timer: StageTimer,
 ) -> None:
@@ -172,10 +184,11 @@ def _refine_then_store(
         return
     dtype = solver_dtype(config)
     with timer(storage.stage):
-        for name, (covariance, entry) in solved.items():
-            refined = model.get_submodule(name)
-            storage.install(model, name, refined.up.weight.detach().to(dtype), refined.down.weight.detach().to(dtype),
-                            covariance.to(dtype), entry)
+        for name, done in solved.items():
+            # no gain: round the closed-form factors themselves, exactly as with refine_steps=0
+            up, down = (done.up, done.down) if outcome.steps == 0 else (
+                model.get_submodule(name).up.weight.detach().to(dtype), model.get_submodule(name).down.weight.detach().to(dtype))
+            storage.install(model, name, up, down, done.covariance, done.report)
 
 
 def compress_layerwise(
@@ -215,7 +228,8 @@ def compress_layerwise(
             if config.progressive and drifted is None:
                 # Both streams are identical until the first compressed layer: share the tensors.
                 drifted = reference.with_hidden(list(reference.hidden))
-            # what this layer receives (the stats loop below overwrites `reference.hidden` with its outputs)
+            # what this layer receives (the stats loop below overwrites `reference.hidden` with its outputs); with
+            # progressive=False this keeps a third stream alive while the layer is refined
             layer_inputs = list((drifted or reference).hidden) if refine_steps else None
             with timer("statistics"):
                 # Outputs overwrite the inputs batch by batch, so only two streams (reference and
@@ -227,7 +241,7 @@ def compress_layerwise(
                         hooks.clear_recorded()
                     reference.hidden[b] = output
             hooks.remove()
-            solved: dict[str, tuple[torch.Tensor, ModuleReport]] = {}  # name -> (covariance, report)
+            solved: dict[str, SolvedModule] = {}
             for local_name, group in hooks.stats.group_of.items():
                 name = prefix + local_name
                 module = layer_targets[name]
@@ -235,14 +249,14 @@ def compress_layerwise(
                     report.modules.append(ModuleReport(name, *linear_shape(module), None))
                     continue
                 cross = hooks.stats.cross_covariance.get(group) if aligned else None
-                covariance = hooks.stats.covariance[group]
-                entry = _solve_and_install(model, name, module, ranks[name], covariance, cross, config, solve_storage, timer)
-                report.modules.append(entry)
-                solved[name] = (covariance, entry)
+                solved[name] = _solve_and_install(
+                    model, name, module, ranks[name], hooks.stats.covariance[group], cross, config, solve_storage, timer
+                )
+                report.modules.append(solved[name].report)
             missing = set(n[len(prefix):] for n in layer_targets) - set(hooks.stats.group_of)
             if missing:
                 raise RuntimeError(f"Modules {sorted(missing)} of layer {index} were never called during calibration.")
-            if layer_inputs is not None:
+            if layer_inputs is not None and solved:  # a layer whose modules all stay dense has nothing to refine
                 _refine_then_store(model, layer, index, solved, layer_inputs, reference, refine_steps, storage, config,
                                    report, device, timer)
                 layer_inputs = None  # let the drifted inputs go once propagate replaces them
@@ -260,4 +274,6 @@ def compress_layerwise(
                     if ranks[name] is not None:
                         factors.update({f"{name}.{k}": v for k, v in storage.checkpoint_tensors(module).items()})
                 done = [asdict(m) for m in report.modules if m.name.startswith(prefix)]
-                checkpointer.save_layer(index, factors, done, reference.hidden, drifted.hidden if drifted is not None else None)
+                refined = next((e for e in report.refinement if e["layer"] == index), None)
+                checkpointer.save_layer(index, factors, done, reference.hidden, drifted.hidden if drifted is not None else None,
+                                        refined)

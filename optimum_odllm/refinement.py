@@ -13,8 +13,9 @@ so with no gain the closed-form factors are restored unchanged.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -22,7 +23,7 @@ from torch import nn
 from .layerwise import run_layer
 from .linalg import check_finite
 
-#: every how many steps the held-out error is measured (and the best factors so far remembered)
+#: how many times per run the held-out error is measured (and the best factors so far remembered)
 CHECKS_PER_RUN = 8
 #: ``refine_steps=None`` means this many with calibration data (chosen on validation users, docs/alignment.md)
 DEFAULT_REFINE_STEPS = 256
@@ -62,7 +63,8 @@ class RefinementOutcome:
 
 
 def split_held_out(batches: Sequence[RefinementBatch], every: int = 8) -> tuple[list, list]:
-    """(train, held out): every ``every``-th batch is held out, at least one when there are two or more.
+    """(train, held out): every ``every``-th batch is held out from the Adam steps, at least one when there are
+    two or more. (They did feed the closed-form statistics, which favours the closed form in the comparison.)
     With a single batch both are that batch (the check then guards the training error only)."""
     if len(batches) < 2:
         return list(batches), list(batches)
@@ -100,6 +102,42 @@ def _cast(value: Any, dtype: torch.dtype) -> Any:
     return value
 
 
+@contextmanager
+def _float32_weights(layer: nn.Module) -> Iterator[None]:
+    """Every floating parameter and buffer of ``layer`` in float32 inside the block, each back in its own dtype
+    after it (a float32 norm kept inside a bfloat16 layer stays float32)."""
+    dtypes = {name: t.dtype for name, t in [*layer.named_parameters(), *layer.named_buffers()] if t.is_floating_point()}
+    layer.float()
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, param in layer.named_parameters():
+                if name in dtypes and param.dtype != dtypes[name]:
+                    param.data = param.data.to(dtypes[name])
+            for name, buffer in layer.named_buffers():
+                if name in dtypes and buffer.dtype != dtypes[name]:
+                    module_name, _, attr = name.rpartition(".")
+                    layer.get_submodule(module_name)._buffers[attr] = buffer.to(dtypes[name])
+
+
+@contextmanager
+def _only_trainable(layer: nn.Module, factors: Sequence[nn.Parameter]) -> Iterator[None]:
+    """``factors`` require gradients and nothing else in ``layer`` does; flags restored and gradients
+    dropped afterwards (they would otherwise stay on the model, one extra copy of every factor)."""
+    params = list(layer.parameters())
+    flags = [p.requires_grad for p in params]
+    trainable = {id(f) for f in factors}
+    for p in params:
+        p.requires_grad_(id(p) in trainable)
+    try:
+        yield
+    finally:
+        for p, flag in zip(params, flags):
+            p.grad = None
+            p.requires_grad_(flag)
+
+
 def refine_block(
     layer: nn.Module,
     factors: Sequence[nn.Parameter],
@@ -111,28 +149,19 @@ def refine_block(
 ) -> RefinementOutcome:
     """Adam on ``factors`` (parameters of ``layer``) for ``steps`` batches; keeps the best held-out factors.
 
-    The weights are float32 while refining (Adam on 16-bit weights loses the small updates) and are cast
-    back to the layer's own dtype afterwards; nothing but ``factors`` changes. A bfloat16 layer on CUDA
-    computes its training steps under bfloat16 autocast (its own precision, at tensor-core speed); the
-    held-out checks always run in float32.
+    The weights are float32 while refining (Adam on 16-bit weights loses the small updates) and go back to
+    their own dtypes afterwards; nothing but ``factors`` changes, and with no gain they come back bit for bit.
+    A bfloat16 layer on CUDA computes its training steps under bfloat16 autocast (its own precision, at
+    tensor-core speed). The held-out errors are measured in float32, before the cast back.
     """
     if steps < 1 or not factors:
-        return RefinementOutcome(float("nan"), float("nan"), 0)
+        raise ValueError(f"refine_block needs steps >= 1 and factors to train, got {steps} steps, {len(factors)} factors")
     train, held = split_held_out(batches)
-    home_dtype = next(layer.parameters()).dtype
-    layer.float()
-    dtype = torch.float32
-    fast = device.type == "cuda" and home_dtype == torch.bfloat16
-    try:
+    fast = device.type == "cuda" and next(layer.parameters()).dtype == torch.bfloat16
+    with _float32_weights(layer), _only_trainable(layer, factors):
+        dtype = torch.float32
         best_error = before = _relative_error(layer, held, device, dtype)
         best_state, best_step = [p.detach().clone() for p in factors], 0
-        flags = [p.requires_grad for p in factors]
-        others = [p for p in layer.parameters() if all(p is not f for f in factors)]
-        other_flags = [p.requires_grad for p in others]
-        for p in others:
-            p.requires_grad_(False)
-        for p in factors:
-            p.requires_grad_(True)
         optimizer = torch.optim.Adam(factors, lr=lr)
         interval = max(1, steps // CHECKS_PER_RUN)
         try:
@@ -154,15 +183,9 @@ def refine_block(
             with torch.no_grad():
                 for p, best in zip(factors, best_state):
                     p.copy_(best)
-            for p, flag in zip(factors, flags):
-                p.requires_grad_(flag)
-            for p, flag in zip(others, other_flags):
-                p.requires_grad_(flag)
         for p in factors:
             check_finite(p, f"refined factor of {name}")
-        return RefinementOutcome(before, best_error, best_step)
-    finally:
-        layer.to(home_dtype)
+    return RefinementOutcome(before, best_error, best_step)
 
 
 __all__ = [

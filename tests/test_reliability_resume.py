@@ -41,6 +41,7 @@ def assert_same_checkpoint(a: Path, b: Path) -> None:
         assert torch.equal(ta[key], tb[key]), key
     ra, rb = (json.loads((d / "odllm_report.json").read_text()) for d in (a, b))
     assert ra["modules"] == rb["modules"]
+    assert ra["refinement"] == rb["refinement"]  # the refined layers' report survives the resume too
     assert json.loads((a / "config.json").read_text())["quantization_config"]["ranks"] == json.loads(
         (b / "config.json").read_text()
     )["quantization_config"]["ranks"]

@@ -191,6 +191,28 @@ def _refine_then_store(
             storage.install(model, name, up, down, done.covariance, done.report)
 
 
+#: dense parameters per decoder layer above which block refinement on a CPU gets a warning (a Qwen2.5-0.5B layer,
+#: ~15M, takes ~1 s per step on 2 cores: docs/alignment.md)
+CPU_REFINE_WARN_PARAMS = 5_000_000
+
+
+def _warn_if_refinement_is_slow_here(
+    refine_steps: int, targets: dict[str, nn.Module], layers_name: str, num_layers: int, device: torch.device
+) -> None:
+    if not refine_steps or device.type != "cpu":
+        return
+    largest = max(
+        sum(math.prod(linear_shape(m)) for n, m in targets.items() if n.startswith(f"{layers_name}.{i}."))
+        for i in range(num_layers)
+    )
+    if largest > CPU_REFINE_WARN_PARAMS:
+        logger.warning(
+            f"OD-LLM: block refinement ({refine_steps} steps per layer) runs on the CPU with layers of up to "
+            f"{largest:,} parameters; this can take minutes per layer. Compress on a GPU "
+            "(device='cuda'), or pass refine_steps=0 (--refine-steps 0) for the closed form."
+        )
+
+
 def compress_layerwise(
     model: nn.Module, targets: dict[str, nn.Module], ranks: dict[str, int | None], calibration: CalibrationSet,
     config: Any, report: CompressionReport, device: torch.device, timer: StageTimer,
@@ -205,6 +227,7 @@ def compress_layerwise(
     cov_dtype = _COV_DTYPES[config.covariance_dtype]
     storage = factor_storage(config)
     refine_steps = resolve_refine_steps(config.refine_steps, calibrated=True)
+    _warn_if_refinement_is_slow_here(refine_steps, targets, layers_name, len(layers), device)
     # with refinement the solve writes float factors, refined before `storage` (e.g. integer codes) takes them
     solve_storage = FloatFactors() if refine_steps else storage
     start = 0

@@ -271,3 +271,22 @@ def test_padding_positions_never_reach_the_refinement_objective():
         results.append((outcome, block.proj.up.weight.detach().clone()))
     assert results[0][0] == results[1][0] and torch.equal(results[0][1], results[1][1])
     assert results[0][0].held_out_after < results[0][0].held_out_before
+
+
+def test_refinement_of_big_layers_on_a_cpu_warns_with_the_fix(monkeypatch, caplog):
+    import optimum_odllm.pipeline as pipeline
+
+    settings = dict(ratio=0.5, rank_multiple=8, min_calibration_tokens=16, refine_steps=2)
+
+    def warnings_of(**overrides) -> str:
+        caplog.clear()
+        config = ODLLMConfig(**{**settings, **overrides})
+        ODLLMCompressor.from_pretrained(tiny_model(), config=config).compress(calibration_ids(), device="cpu")
+        return " ".join(r.getMessage() for r in caplog.records if "block refinement" in r.getMessage())
+
+    monkeypatch.setattr(pipeline, "CPU_REFINE_WARN_PARAMS", 10**9)  # the tiny model is far below it: silent
+    assert warnings_of() == ""
+    monkeypatch.setattr(pipeline, "CPU_REFINE_WARN_PARAMS", 1000)  # every layer of the tiny model is above it
+    text = warnings_of()
+    assert "block refinement (2 steps per layer) runs on the CPU" in text and "refine_steps=0" in text
+    assert warnings_of(refine_steps=0) == ""  # the closed form is never warned about

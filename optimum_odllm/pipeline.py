@@ -84,17 +84,18 @@ def plan_ranks(shapes: list[ModuleShape], config: Any) -> dict[str, int | None]:
 @dataclass
 class SolvedModule:
     """One module of the current layer after its closed-form solve (solver dtype): what the integer write-back
-    after refinement needs, including the closed-form factors for when refinement keeps them."""
+    after refinement needs, including the closed-form factors for when refinement keeps them (``None`` where no
+    such write-back follows, so the closed-form path holds no extra copy of a layer's factors)."""
 
     covariance: torch.Tensor
     report: ModuleReport
-    up: torch.Tensor
-    down: torch.Tensor
+    up: torch.Tensor | None
+    down: torch.Tensor | None
 
 
 def _solve_and_install(
     model: nn.Module, name: str, module: nn.Module, rank: int, covariance: torch.Tensor,
-    cross: torch.Tensor | None, config: Any, storage: FactorStorage, timer: StageTimer,
+    cross: torch.Tensor | None, config: Any, storage: FactorStorage, timer: StageTimer, keep_factors: bool = False,
 ) -> SolvedModule:
     """Solve one module in closed form and write its factors back through ``storage``."""
     dtype = solver_dtype(config)
@@ -110,7 +111,8 @@ def _solve_and_install(
     report = ModuleReport.solved(name, linear_shape(module), rank, solution.factors.singular_values, solution.jitter)
     with timer(storage.stage):
         storage.install(model, name, solution.factors.up, solution.factors.down, problem.covariance, report)
-    return SolvedModule(problem.covariance, report, solution.factors.up, solution.factors.down)
+    kept = (solution.factors.up, solution.factors.down) if keep_factors else (None, None)
+    return SolvedModule(problem.covariance, report, *kept)
 
 
 def compress_data_free(
@@ -230,6 +232,7 @@ def compress_layerwise(
     _warn_if_refinement_is_slow_here(refine_steps, targets, layers_name, len(layers), device)
     # with refinement the solve writes float factors, refined before `storage` (e.g. integer codes) takes them
     solve_storage = FloatFactors() if refine_steps else storage
+    round_after_refining = solve_storage is not storage
     start = 0
     if checkpointer is not None and resume and checkpointer.exists():
         start, ref_hidden, drift_hidden = _resume(
@@ -273,7 +276,8 @@ def compress_layerwise(
                     continue
                 cross = hooks.stats.cross_covariance.get(group) if aligned else None
                 solved[name] = _solve_and_install(
-                    model, name, module, ranks[name], hooks.stats.covariance[group], cross, config, solve_storage, timer
+                    model, name, module, ranks[name], hooks.stats.covariance[group], cross, config, solve_storage, timer,
+                    keep_factors=round_after_refining,
                 )
                 report.modules.append(solved[name].report)
             missing = set(n[len(prefix):] for n in layer_targets) - set(hooks.stats.group_of)

@@ -151,7 +151,8 @@ def train_or_load(seed: int, args: argparse.Namespace, data, split) -> tuple[nn.
                                 attention_dropout=args.attention_dropout, seed=seed)
     start = time.time()
     model = train_recommender(model, tokenizer, samples, dense_dir.parent / "trainer", epochs=args.epochs,
-                              learning_rate=args.lr, batch_size=args.batch_size, seed=seed, disable_tqdm=True).eval()
+                              learning_rate=args.lr, batch_size=args.batch_size, weight_decay=args.weight_decay,
+                              seed=seed, disable_tqdm=True).eval()
     print(f"seed {seed}: trained in {time.time() - start:.0f}s", flush=True)
     model.save_pretrained(dense_dir)
     tokenizer.save_pretrained(dense_dir)
@@ -316,6 +317,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay of the dense training")
     parser.add_argument("--history", type=int, default=20,
                         help="items of history per prompt, in training chunks, calibration and evaluation (SASRec's "
                              "baseline in benchmarks/sasrec.py reads 50)")

@@ -292,10 +292,13 @@ def main(argv=None) -> dict:
     rng = random.Random(args.seed)
     chunks = packed_sequences(split.train, args.history)
     calibration = [encoder.prompt_ids(PACKED_SEQREC_TEMPLATE, c) for c in rng.sample(chunks, args.calibration_samples)]
+    calibration_description = (f"{data.name} training sequences ({args.calibration_samples} packed histories of "
+                               f"{args.history} items, sampled with seed {args.seed}; no test targets)")
     for name, cfg in ([] if args.skip_compression else variants(args)):
         t = time.time()
         compressed = copy.deepcopy(model)
-        compressor = ODLLMCompressor.from_pretrained(compressed, config=cfg, tokenizer=tokenizer)
+        compressor = ODLLMCompressor(compressed, config=cfg, tokenizer=tokenizer, source=str(dense_dir))
+        compressor.calibration_source = calibration_description
         compressed = compressor.compress(calibration)
         compress_s = time.time() - t
         check_same_across_processes(weights_digest(compressed), f"the {name} model")
@@ -304,9 +307,11 @@ def main(argv=None) -> dict:
                          "compress_s": round(compress_s, 1)}
         print_metrics(name, results[name])
         if name == f"odllm@{args.ablation_ratio:g}" and is_main_process():
-            compressor.save_pretrained(out / f"odllm-{args.ablation_ratio:g}")
+            # the card publishes the masked test metrics (seen items excluded, as in the results table)
+            card_metrics = {k: results[name][k] for k in ("HR@1", "HR@5", "HR@10", "NDCG@5", "NDCG@10") if k in results[name]}
+            compressor.save_pretrained(out / f"odllm-{args.ablation_ratio:g}",
+                                       eval_results={f"{data.name} (leave-one-out, seen items excluded)": card_metrics})
             tokenizer.save_pretrained(out / f"odllm-{args.ablation_ratio:g}")
-            index.save(out / f"odllm-{args.ablation_ratio:g}")
         del compressed, compressor
 
     dense = results["dense"]

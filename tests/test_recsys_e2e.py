@@ -35,6 +35,13 @@ def test_ml100k_quick_end_to_end(tmp_path):
     assert (tmp_path / "results.md").read_text().count("|") > 20
     assert (tmp_path / "quality_vs_ratio.png").stat().st_size > 1000
     assert (tmp_path / "odllm-0.5" / "item_index.json").is_file()
+    # its model card publishes the masked test metrics of the table and says what the calibration data was
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(tmp_path / "odllm-0.5" / "README.md")
+    published = {r.metric_name: r.metric_value for r in card.data.eval_results}
+    assert published == {m: results["odllm@0.5"][m] for m in METRICS}
+    assert "ml-100k training sequences (64 packed histories" in card.text and str(tmp_path / "dense") in card.text
 
     # the saved OD-LLM checkpoint reloads through AutoModelForCausalLM and reproduces its metrics
     import optimum_odllm  # noqa: F401  (registers the odllm quantization method)

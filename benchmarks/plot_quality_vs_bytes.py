@@ -18,8 +18,10 @@ from pathlib import Path
 from common import markdown_table
 
 
-def points(result: dict) -> dict[str, list[tuple[float, float, float, str]]]:
-    """``{variant: [(bytes, kept mean, kept s.e. over seeds, label), ...]}`` sorted by bytes."""
+def points(result: dict, aliases: dict[str, str] | None = None) -> dict[str, list[tuple[float, float, float, str]]]:
+    """``{variant: [(bytes, kept mean, kept s.e. over seeds, label), ...]}`` sorted by bytes; ``aliases`` maps a
+    variant name onto another one's curve (runs that named the same settings differently)."""
+    aliases = aliases or {}
     per_seed = result["per_seed"]
     seeds = sorted(per_seed)
     curves: dict[str, list] = defaultdict(list)
@@ -28,7 +30,8 @@ def points(result: dict) -> dict[str, list[tuple[float, float, float, str]]]:
             continue
         kept = [per_seed[s][label]["kept"] for s in seeds]
         se = statistics.stdev(kept) / math.sqrt(len(kept)) if len(kept) > 1 else 0.0
-        curves[first.get("variant", label)].append((first["bytes_vs_bf16"], statistics.fmean(kept), se, label))
+        variant = first.get("variant", label)
+        curves[aliases.get(variant, variant)].append((first["bytes_vs_bf16"], statistics.fmean(kept), se, label))
     return {k: sorted(v) for k, v in curves.items()}
 
 
@@ -37,9 +40,13 @@ def main(argv=None) -> None:
     p.add_argument("result")
     p.add_argument("--png", default=None)
     p.add_argument("--variants", default="odllm,odllm+int8 gptq,odllm+int4 gptq,gptq-w4,gptq-w3")
+    p.add_argument("--alias", action="append", default=[], metavar="NAME=CURVE",
+                   help="plot variant NAME on CURVE's line, e.g. odllm+refine=odllm when --refine-steps/--refine-lr "
+                        "were the library defaults")
     args = p.parse_args(argv)
     result = json.loads(Path(args.result).read_text())
-    curves = {k: v for k, v in points(result).items() if k in args.variants.split(",")}
+    aliases = dict(a.split("=", 1) for a in args.alias)
+    curves = {k: v for k, v in points(result, aliases).items() if k in args.variants.split(",")}
     rows = [{"variant": k, "label": lab, "bytes vs 16-bit": f"{b:.3f}", "NDCG@10 kept": f"{m:.1%} ± {se:.1%}"}
             for k, pts in curves.items() for b, m, se, lab in pts]
     print(markdown_table(sorted(rows, key=lambda r: float(r["bytes vs 16-bit"])), list(rows[0])))

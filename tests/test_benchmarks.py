@@ -162,3 +162,23 @@ def test_dense_recovery_control_runs_once_without_ratio():
     args = qr.parse_args(["--variants", "dense+recovery,odllm+recovery", "--ratios", "0.5", "--recovery-epochs", "1"])
     assert qr.labels_to_run(args) == [("dense+recovery", "dense+recovery", 1.0),
                                       ("odllm+recovery@0.5", "odllm+recovery", 0.5)]
+
+
+def test_quality_plot_points_mean_over_seeds_and_aliases():
+    """Each curve point is the mean over seeds of "kept" with the standard error over seeds; an alias puts a
+    variant measured under another name on the named curve, sorted by bytes."""
+    plot = pytest.importorskip("plot_quality_vs_bytes")
+    per_seed = {
+        str(s): {"dense": {"kept": 1.0, "bytes_vs_bf16": 1.0},
+                 "odllm+refine@0.5": {"variant": "odllm+refine", "kept": k5, "bytes_vs_bf16": 0.499},
+                 "odllm@0.7": {"variant": "odllm", "kept": k7, "bytes_vs_bf16": 0.699},
+                 "gptq-w4": {"variant": "gptq-w4", "kept": 0.99, "bytes_vs_bf16": 0.266}}
+        for s, (k5, k7) in enumerate([(0.90, 1.00), (1.00, 0.94), (0.95, 0.97)])
+    }
+    curves = plot.points({"per_seed": per_seed}, {"odllm+refine": "odllm"})
+    assert set(curves) == {"odllm", "gptq-w4"}
+    (b5, m5, se5, l5), (b7, m7, se7, l7) = curves["odllm"]
+    assert (b5, l5, b7, l7) == (0.499, "odllm+refine@0.5", 0.699, "odllm@0.7")
+    assert m5 == pytest.approx(0.95) and se5 == pytest.approx(0.05 / 3 ** 0.5)  # s.d. 0.05 over 3 seeds
+    assert m7 == pytest.approx(0.97) and se7 == pytest.approx(0.03 / 3 ** 0.5)
+    assert plot.points({"per_seed": per_seed}).keys() == {"odllm", "odllm+refine", "gptq-w4"}  # no alias: apart

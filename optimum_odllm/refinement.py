@@ -19,6 +19,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
+from transformers.utils import logging
 
 from .layerwise import run_layer
 from .linalg import check_finite
@@ -152,7 +153,9 @@ def refine_block(
     The weights are float32 while refining (Adam on 16-bit weights loses the small updates) and go back to
     their own dtypes afterwards; nothing but ``factors`` changes, and with no gain they come back bit for bit.
     A bfloat16 layer on CUDA computes its training steps under bfloat16 autocast (its own precision, at
-    tensor-core speed). The held-out errors are measured in float32, before the cast back.
+    tensor-core speed). The held-out errors are measured in float32, before the cast back. A transient progress
+    bar (``transformers.logging``'s tqdm, off with ``disable_progress_bar()``) shows the steps and the best
+    held-out error so far: on a CPU one layer can take minutes.
     """
     if steps < 1 or not factors:
         raise ValueError(f"refine_block needs steps >= 1 and factors to train, got {steps} steps, {len(factors)} factors")
@@ -164,9 +167,10 @@ def refine_block(
         best_state, best_step = [p.detach().clone() for p in factors], 0
         optimizer = torch.optim.Adam(factors, lr=lr)
         interval = max(1, steps // CHECKS_PER_RUN)
+        bar = logging.tqdm(range(1, steps + 1), desc=f"refining {name}".strip(), leave=False)
         try:
             with torch.enable_grad():
-                for step in range(1, steps + 1):
+                for step in bar:
                     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=fast):
                         diff, target = _masked_residual(layer, train[(step - 1) % len(train)], device, dtype)
                     diff, target = diff.float(), target.float()
@@ -179,7 +183,9 @@ def refine_block(
                         if error < best_error:  # NaN never compares smaller: a diverged run is never kept
                             best_error, best_step = error, step
                             best_state = [p.detach().clone() for p in factors]
+                        bar.set_postfix(held_out=f"{before:.4g} -> {best_error:.4g}")
         finally:
+            bar.close()
             with torch.no_grad():
                 for p, best in zip(factors, best_state):
                     p.copy_(best)

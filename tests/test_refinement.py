@@ -4,6 +4,7 @@ held-out batches, what it may change, and where it is refused."""
 from __future__ import annotations
 
 import copy
+import os
 
 import numpy as np
 import pytest
@@ -90,6 +91,28 @@ def test_a_diverging_refinement_restores_the_closed_form_factors_bit_exactly():
     for key, value in block.state_dict().items():
         assert torch.equal(value, before[key]), key
     assert not any(p.requires_grad for p in block.parameters()) and all(p.grad is None for p in block.parameters())
+
+
+def test_refinement_shows_a_progress_bar_unless_transformers_progress_bars_are_off(capsys):
+    from transformers.utils import logging as hf_logging
+
+    if os.environ.get("TQDM_DISABLE"):
+        pytest.skip("TQDM_DISABLE is set: tqdm draws no bar at all")
+    _, batches = _linear_problem()
+    block = OneModuleBlock(LowRankLinear(16, 12, rank=4, bias=False))
+    factors = [block.proj.down.weight, block.proj.up.weight]
+    enabled = hf_logging.is_progress_bar_enabled()
+    try:
+        hf_logging.enable_progress_bar()
+        refine_block(block, factors, batches, 16, 1e-3, torch.device("cpu"), "layer 3")
+        shown = capsys.readouterr().err
+        hf_logging.disable_progress_bar()
+        refine_block(block, factors, batches, 16, 1e-3, torch.device("cpu"), "layer 3")
+        hidden = capsys.readouterr().err
+    finally:
+        (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
+    assert "refining layer 3" in shown and "/16" in shown and "held_out=" in shown
+    assert "refining" not in hidden
 
 
 def _layer0_error(model, dense, ids: torch.Tensor) -> float:

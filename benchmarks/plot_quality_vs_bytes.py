@@ -45,6 +45,8 @@ def main(argv=None) -> None:
                         "were the library defaults")
     args = p.parse_args(argv)
     result = json.loads(Path(args.result).read_text())
+    if any("=" not in a for a in args.alias):
+        p.error("--alias needs NAME=CURVE, e.g. --alias odllm+refine=odllm")
     aliases = dict(a.split("=", 1) for a in args.alias)
     curves = {k: v for k, v in points(result, aliases).items() if k in args.variants.split(",")}
     rows = [{"variant": k, "label": lab, "bytes vs 16-bit": f"{b:.3f}", "NDCG@10 kept": f"{m:.1%} ± {se:.1%}"}

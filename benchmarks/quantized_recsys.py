@@ -132,6 +132,17 @@ def decoder_linear_bytes(model: nn.Module, dense_bits: int | None = None) -> tup
     return stored, dense
 
 
+#: the dense recipe's settings, saved beside a trained model so that runs reusing it can record what they scored
+RECIPE_FILE = "recipe.json"
+RECIPE_KEYS = ("layers", "hidden_size", "heads", "epochs", "lr", "batch_size", "weight_decay", "history", "attention_dropout")
+
+
+def trained_recipe(dense_dir: Path) -> dict[str, Any] | None:
+    """The settings the model in ``dense_dir`` was trained with (None for models saved before they were recorded)."""
+    path = dense_dir / RECIPE_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def train_or_load(seed: int, args: argparse.Namespace, data, split) -> tuple[nn.Module, InstructionEncoder, Any]:
     dense_dir = Path(args.out_dir) / f"seed{seed}" / "dense"
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -157,6 +168,8 @@ def train_or_load(seed: int, args: argparse.Namespace, data, split) -> tuple[nn.
     model.save_pretrained(dense_dir)
     tokenizer.save_pretrained(dense_dir)
     index.save(dense_dir)
+    recipe = {k: getattr(args, k) for k in RECIPE_KEYS} | {"seed": seed}
+    (dense_dir / RECIPE_FILE).write_text(json.dumps(recipe, indent=1))
     return model.to(args.device), encoder, tokenizer
 
 
@@ -262,7 +275,8 @@ def run_seed(seed: int, args: argparse.Namespace, data, split, test, checkpoint=
     validation = {k: mean_se(v) for k, v in evaluate(model, split.valid).items()}
     c = model.config  # the model actually scored (a reused --out-dir model ignores --layers/--epochs/--lr)
     shape = {"layers": c.num_hidden_layers, "hidden_size": c.hidden_size, "parameters": sum(p.numel() for p in model.parameters())}
-    out: dict[str, Any] = {"dense": {"bytes_vs_bf16": 1.0, "validation": validation, "model": shape}}
+    out: dict[str, Any] = {"dense": {"bytes_vs_bf16": 1.0, "validation": validation, "model": shape,
+                                     "recipe": trained_recipe(Path(args.out_dir) / f"seed{seed}" / "dense")}}
     print(f"seed {seed} dense: {METRIC} validation {validation[METRIC][0]:.4f}", flush=True)
     if args.train_only:
         return out

@@ -182,3 +182,33 @@ def test_quality_plot_points_mean_over_seeds_and_aliases():
     assert m5 == pytest.approx(0.95) and se5 == pytest.approx(0.05 / 3 ** 0.5)  # s.d. 0.05 over 3 seeds
     assert m7 == pytest.approx(0.97) and se7 == pytest.approx(0.03 / 3 ** 0.5)
     assert plot.points({"per_seed": per_seed}).keys() == {"odllm", "odllm+refine", "gptq-w4"}  # no alias: apart
+
+
+def test_dense_training_gets_the_weight_decay_and_a_reused_model_keeps_its_own_recipe(tmp_path, monkeypatch):
+    """--weight-decay reaches the Trainer; a later run reusing --out-dir with other flags records the settings the
+    saved model was trained with, not its own (result files used to show the script's defaults)."""
+    qr = pytest.importorskip("quantized_recsys")
+    seen = {}
+
+    def fake_training(model, tokenizer, samples, output_dir, **kwargs):
+        seen.update(kwargs)
+        return model
+
+    monkeypatch.setattr(qr, "train_recommender", fake_training)
+    index_of = qr.build_item_index
+    monkeypatch.setattr(qr, "build_item_index", lambda *a, **k: index_of(*a, **{**k, "steps": 20}))  # fast index
+    flags = ["--heads", "2", "--out-dir", str(tmp_path), "--device", "cpu"]
+    args = qr.parse_args(["--layers", "1", "--hidden-size", "32", "--weight-decay", "0.3", "--attention-dropout", "0.2", *flags])
+    data = qr.load_movielens_100k(None)
+    split = qr.leave_one_out(data.sequences, history=args.history)
+    qr.train_or_load(0, args, data, split)
+    assert seen["weight_decay"] == 0.3 and seen["learning_rate"] == args.lr and seen["epochs"] == args.epochs
+    recipe = qr.trained_recipe(tmp_path / "seed0" / "dense")
+    assert recipe == {"layers": 1, "hidden_size": 32, "heads": 2, "epochs": args.epochs, "lr": args.lr,
+                      "batch_size": 64, "weight_decay": 0.3, "history": 20, "attention_dropout": 0.2, "seed": 0}
+    seen.clear()
+    other = qr.parse_args(["--layers", "4", "--hidden-size", "256", "--weight-decay", "0.9", *flags])
+    model, _, _ = qr.train_or_load(0, other, data, split)
+    assert not seen and model.config.num_hidden_layers == 1  # loaded, not trained again
+    assert qr.trained_recipe(tmp_path / "seed0" / "dense") == recipe
+    assert qr.trained_recipe(tmp_path / "nothing") is None

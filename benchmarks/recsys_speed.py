@@ -31,6 +31,7 @@ On a GPU: ``--device cuda`` (bf16 by default there; GPTQ needs a CUDA gptqmodel 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import gc
 import json
@@ -73,6 +74,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-memory", action="store_true", help="skip the per-variant peak-RSS subprocesses")
     p.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--compare-reorder", action="store_true",
+                   help="also time every variant's beam search with the whole-cache reorder (NAME+plain-reorder)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="benchmarks/results/recsys_speed_cpu.json")
     return p.parse_args(argv)
@@ -126,6 +129,22 @@ def time_users(model, encoder, users, args, device) -> float:
     recommend(model, encoder, users, PACKED_SEQREC_TEMPLATE, num_beams=args.beams, batch_size=args.eval_batch, progress=False)
     sync(device)
     return time.perf_counter() - t
+
+
+@contextlib.contextmanager
+def whole_cache_reorder():
+    """The beam search as before 2026-12-02 16:50 UTC: ``reorder_cache`` copies every row's whole cache (prompt
+    included) at each intermediate step, instead of only the generated positions (``trie.reorder_beams``)."""
+    from optimum_odllm.recsys import trie
+
+    class NotADynamicLayer:
+        pass
+
+    original, trie.DynamicLayer = trie.DynamicLayer, NotADynamicLayer
+    try:
+        yield
+    finally:
+        trie.DynamicLayer = original
 
 
 def median_time(fn, device: str, warmup: int, repeat: int) -> float:
@@ -233,14 +252,19 @@ def main(argv=None) -> dict[str, Any]:
     for name, model in models.items():
         time_users(model, encoder, users[: args.eval_batch], args, device)
     per: dict[str, list[float]] = {n: [] for n in models}
+    plain = {f"{n}+plain-reorder": n for n in models} if args.compare_reorder else {}
+    per.update({label: [] for label in plain})
     for _ in range(args.rounds):
         for name, model in models.items():
             per[name].append(time_users(model, encoder, users, args, device))
-    for name in models:
-        results["variants"][name]["users_per_s"] = len(users) / statistics.median(per[name])
+        for label, name in plain.items():
+            with whole_cache_reorder():
+                per[label].append(time_users(models[name], encoder, users, args, device))
+    for name in [*models, *plain]:
+        results["variants"].setdefault(name, {})["users_per_s"] = len(users) / statistics.median(per[name])
         results["variants"][name]["users_per_s_all_rounds"] = [len(users) / s for s in per[name]]
     write_json(args.out, results)
-    print({n: round(results["variants"][n]["users_per_s"], 2) for n in models}, flush=True)
+    print({n: round(results["variants"][n]["users_per_s"], 2) for n in per}, flush=True)
 
     for batch in [int(b) for b in args.batches.split(",") if b]:
         for name, model in models.items():

@@ -250,6 +250,68 @@ def test_beam_search_on_random_llama_always_returns_valid_items():
     assert torch.allclose(scores[:, :10], full.sort(1, descending=True).values, atol=1e-4)
 
 
+def test_reorder_beams_copies_only_generated_positions_and_equals_reorder_cache():
+    from transformers.cache_utils import DynamicCache
+
+    from optimum_odllm.recsys.trie import reorder_beams
+
+    torch.manual_seed(0)
+    prompts, beams, prompt_len = 3, 4, 5
+    layers = []
+    for _ in range(2):  # per layer: one prompt row repeated over its beams, then 2 generated positions per beam
+        shared = torch.randn(prompts, 2, prompt_len, 8).repeat_interleave(beams, 0)
+        layers.append([torch.cat([shared, torch.randn(prompts * beams, 2, 2, 8)], -2) for _ in range(2)])
+    rows = torch.tensor([1, 1, 0, 3, 6, 4, 4, 5, 11, 8, 8, 10])  # a permutation within each prompt's beams
+
+    def cache_of():
+        cache = DynamicCache()
+        for i, (k, v) in enumerate(layers):
+            cache.update(k.clone(), v.clone(), i)
+        return cache
+
+    fast, plain = cache_of(), cache_of()
+    before = [layer.keys.data_ptr() for layer in fast.layers]
+    reorder_beams(fast, rows, prompt_len)
+    plain.reorder_cache(rows)
+    for a, b in zip(fast.layers, plain.layers):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+    assert [layer.keys.data_ptr() for layer in fast.layers] == before  # reordered in place, no new full copy
+
+
+def test_beam_search_with_the_prefix_preserving_reorder_equals_the_plain_reorder(monkeypatch):
+    """Left padding, exclusions and more items than beams: same items and bit-identical scores either way."""
+    import optimum_odllm.recsys.trie as trie_module
+
+    index = ItemIndex(codes=[(a, b, c) for a in range(4) for b in range(4) for c in range(3)])
+    texts = [f"item number {k}" for k in range(len(index.codes))]
+    tok = build_offline_tokenizer(texts, index)
+    model = build_offline_model(tok, hidden_size=32, num_layers=2, num_heads=2, seed=1).eval()
+    enc = InstructionEncoder(tok, index, texts)
+    trie = PrefixTrie(enc.item_ids)
+    rows = [enc.prompt_ids(PACKED_SEQREC_TEMPLATE, h) for h in ([3, 7, 11], [5], [20, 1, 2, 40])]
+    width = max(map(len, rows))
+    prompts = torch.tensor([[tok.pad_token_id] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    exclude = [{0, 1, 2}, {5}, set()]
+    from transformers.cache_utils import DynamicCache
+
+    def whole_cache_copy(self, beam_idx):
+        raise AssertionError("the search copied the whole cache")
+
+    with torch.no_grad():
+        with monkeypatch.context() as patch:  # the first search must never take the plain path
+            patch.setattr(DynamicCache, "reorder_cache", whole_cache_copy)
+            fast = constrained_beam_search(model, prompts, trie, num_beams=6, attention_mask=mask, exclude=exclude)
+
+        class NotADynamicLayer:  # every cache layer now fails the type check: the plain reorder_cache path
+            pass
+
+        monkeypatch.setattr(trie_module, "DynamicLayer", NotADynamicLayer)
+        plain = constrained_beam_search(model, prompts, trie, num_beams=6, attention_mask=mask, exclude=exclude)
+    assert fast[0] == plain[0] and torch.equal(fast[1], plain[1])
+    assert all(not set(r) & e for r, e in zip(fast[0], exclude)) and len(index.codes) > 6
+
+
 # ------------------------------------------------------------------------------------------- metrics
 
 

@@ -310,7 +310,8 @@ def main(argv=None) -> dict:
             # the card publishes the masked test metrics (seen items excluded, as in the results table)
             card_metrics = {k: results[name][k] for k in ("HR@1", "HR@5", "HR@10", "NDCG@5", "NDCG@10") if k in results[name]}
             compressor.save_pretrained(out / f"odllm-{args.ablation_ratio:g}",
-                                       eval_results={f"{data.name} (leave-one-out, seen items excluded)": card_metrics})
+                                       eval_results={f"{data.name} (leave-one-out, seen items excluded)": card_metrics},
+                                       model_name=f"{data.name}-lcrec-odllm-{args.ablation_ratio:g}")
             tokenizer.save_pretrained(out / f"odllm-{args.ablation_ratio:g}")
         del compressed, compressor
 

@@ -279,7 +279,8 @@ class ODLLMCompressor(OptimumQuantizer):
         Files already in the directory that this save does not write are kept; the save is staged so the
         directory never holds a loadable mix of old and new files; the source model's own directory is
         refused. ``eval_results`` (``{dataset: {"HR@10": v, ...}}``) is published as the card's
-        ``model-index``; ``repo_id`` is the Hub id shown in the card's loading snippet. Afterwards the
+        ``model-index``; ``repo_id`` is the Hub id shown in the card's loading snippet and ``model_name`` (a
+        keyword) the card's title. Afterwards the
         resume checkpoint of :meth:`compress` (if any) is deleted.
         """
         directory = save_result(self.result, save_directory, eval_results=eval_results, repo_id=repo_id, **kwargs)

@@ -140,12 +140,14 @@ def save_result(
     *,
     eval_results: Any = None,
     repo_id: str | None = None,
+    model_name: str | None = None,
     **save_kwargs: Any,
 ) -> Path:
     """Write the model (safetensors), tokenizer, report, artifacts and model card into ``save_directory``.
 
     ``eval_results`` (``{dataset: {"HR@10": v, ...}}``) becomes the card's ``model-index``; ``repo_id`` is the
-    Hub id shown in the card's loading snippet.
+    Hub id shown in the card's loading snippet; ``model_name`` titles the card and its ``model-index`` (default:
+    the repository name, else ``<base directory>-odllm-<ratio>``).
     """
     if save_kwargs.get("safe_serialization") is False:
         raise ValueError("OD-LLM checkpoints are saved as safetensors only (no pickle); drop safe_serialization=False.")
@@ -157,6 +159,6 @@ def save_result(
         (staging / "odllm_report.json").write_text(json.dumps(result.report.to_dict(), indent=2))
         for name, path in result.artifacts.items():
             shutil.copyfile(path, staging / name)
-        build_model_card(result, repo_id=repo_id, eval_results=eval_results).save(staging / "README.md")
+        build_model_card(result, repo_id=repo_id, eval_results=eval_results, model_name=model_name).save(staging / "README.md")
     logger.info(f"Saved the OD-LLM-compressed model to {save_directory}")
     return save_directory

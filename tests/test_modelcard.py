@@ -63,6 +63,15 @@ def test_saved_card_has_every_field_and_valid_metadata(tmp_path):
     assert (out / "item_index.json").read_text() == (Path(compressor.source) / "item_index.json").read_text()
 
 
+def test_model_name_titles_the_card_and_its_model_index(tmp_path):
+    compressor = compressed(tmp_path)
+    default = ModelCard.load(compressor.save_pretrained(tmp_path / "a", eval_results=EVAL) / "README.md")
+    assert default.data.model_name == f"{Path(compressor.source).name}-odllm-0.5"
+    named = ModelCard.load(compressor.save_pretrained(tmp_path / "b", eval_results=EVAL, model_name="ml100k-rec") / "README.md")
+    assert named.data.model_name == "ml100k-rec" and named.data.to_dict()["model-index"][0]["name"] == "ml100k-rec"
+    assert "# ml100k-rec (OD-LLM, ratio 0.5)" in named.text
+
+
 def test_hub_base_model_and_unknown_license(tmp_path, monkeypatch):
     compressor = compressed(tmp_path, license=None)
     compressor.source = "some-org/tiny-rec"  # as if loaded from the Hub (offline: license unknown)

@@ -40,7 +40,7 @@ def test_ml100k_quick_end_to_end(tmp_path):
 
     card = ModelCard.load(tmp_path / "odllm-0.5" / "README.md")
     published = {r.metric_name: r.metric_value for r in card.data.eval_results}
-    assert published == {m: results["odllm@0.5"][m] for m in METRICS}
+    assert published == {m: results["odllm@0.5"][m] for m in METRICS} and card.data.model_name == "ml-100k-lcrec-odllm-0.5"
     assert "ml-100k training sequences (64 packed histories" in card.text and str(tmp_path / "dense") in card.text
 
     # the saved OD-LLM checkpoint reloads through AutoModelForCausalLM and reproduces its metrics

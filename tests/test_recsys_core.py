@@ -250,6 +250,18 @@ def test_beam_search_on_random_llama_always_returns_valid_items():
     assert torch.allclose(scores[:, :10], full.sort(1, descending=True).values, atol=1e-4)
 
 
+def test_beam_search_builds_no_autograd_graph_even_with_gradients_enabled():
+    index = ItemIndex(codes=[(a, b, c) for a in range(3) for b in range(2) for c in range(2)])
+    texts = [f"item number {k}" for k in range(len(index.codes))]
+    tok = build_offline_tokenizer(texts, index)
+    model = build_offline_model(tok, hidden_size=32, num_layers=1, num_heads=2).eval()
+    enc = InstructionEncoder(tok, index, texts)
+    prompts = torch.tensor([enc.prompt_ids(PACKED_SEQREC_TEMPLATE, [1, 2])])
+    assert torch.is_grad_enabled()
+    _, scores = constrained_beam_search(model, prompts, PrefixTrie(enc.item_ids), num_beams=4)
+    assert not scores.requires_grad and scores.grad_fn is None
+
+
 def test_reorder_beams_copies_only_generated_positions_and_equals_reorder_cache():
     from transformers.cache_utils import DynamicCache
 

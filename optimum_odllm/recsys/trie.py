@@ -108,7 +108,6 @@ def _allowed_mask(trie: PrefixTrie, prefixes: list[tuple[int, ...]], blocked: li
     return mask
 
 
-@torch.no_grad()
 def reorder_beams(cache, rows: torch.Tensor, prompt_length: int) -> None:
     """``cache.reorder_cache(rows)``, copying only the positions generated after the prompt where it can.
 
@@ -127,6 +126,7 @@ def reorder_beams(cache, rows: torch.Tensor, prompt_length: int) -> None:
             states[:, :, prompt_length:] = states[:, :, prompt_length:].index_select(0, rows.to(states.device))
 
 
+@torch.no_grad()
 def constrained_beam_search(model, prompts: torch.Tensor, trie: PrefixTrie, num_beams: int = 20,
                             attention_mask: torch.Tensor | None = None,
                             exclude: Sequence[Iterable[int]] | None = None) -> tuple[list[list[int]], torch.Tensor]:

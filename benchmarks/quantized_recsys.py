@@ -134,7 +134,8 @@ def decoder_linear_bytes(model: nn.Module, dense_bits: int | None = None) -> tup
 
 #: the dense recipe's settings, saved beside a trained model so that runs reusing it can record what they scored
 RECIPE_FILE = "recipe.json"
-RECIPE_KEYS = ("layers", "hidden_size", "heads", "epochs", "lr", "batch_size", "weight_decay", "history", "attention_dropout")
+RECIPE_KEYS = ("layers", "hidden_size", "heads", "epochs", "lr", "batch_size", "weight_decay", "history", "attention_dropout",
+               "item_embeddings")
 
 
 def trained_recipe(dense_dir: Path) -> dict[str, Any] | None:
@@ -153,7 +154,8 @@ def train_or_load(seed: int, args: argparse.Namespace, data, split) -> tuple[nn.
         model = AutoModelForCausalLM.from_pretrained(dense_dir).to(args.device).eval()
         return model, InstructionEncoder(tokenizer, index, data.item_text), tokenizer
     random.seed(seed), torch.manual_seed(seed)
-    index = build_item_index(data.item_text, data.item_ids, levels=3, codebook_size=64, steps=1500, seed=seed)
+    index = build_item_index(data.item_text, data.item_ids, levels=3, codebook_size=64, steps=1500, seed=seed,
+                             backend=args.item_embeddings, sequences=split.train.values())
     tokenizer = build_offline_tokenizer(data.item_text, index)
     encoder = InstructionEncoder(tokenizer, index, data.item_text)
     samples = training_samples(encoder, split, seed)
@@ -335,6 +337,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--history", type=int, default=20,
                         help="items of history per prompt, in training chunks, calibration and evaluation (SASRec's "
                              "baseline in benchmarks/sasrec.py reads 50)")
+    parser.add_argument("--item-embeddings", default="offline", choices=["offline", "collaborative", "hybrid"],
+                        help="what the semantic IDs are built from: item text (offline), training co-occurrence, or both")
     parser.add_argument("--attention-dropout", type=float, default=0.0, help="dropout on the attention weights while training")
     parser.add_argument("--calibration-samples", type=int, default=256)
     parser.add_argument("--max-eval-users", type=int, default=None, help="default: all test users")

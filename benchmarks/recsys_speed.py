@@ -76,6 +76,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--compare-reorder", action="store_true",
                    help="also time every variant's beam search with the whole-cache reorder (NAME+plain-reorder)")
+    p.add_argument("--compare-repeated", action="store_true",
+                   help="also time every variant's beam search with the prompt's cache repeated per beam, i.e. without "
+                        "tree attention (NAME+repeated-prompt)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="benchmarks/results/recsys_speed_cpu.json")
     return p.parse_args(argv)
@@ -145,6 +148,19 @@ def whole_cache_reorder():
         yield
     finally:
         trie.DynamicLayer = original
+
+
+@contextlib.contextmanager
+def repeated_prompt():
+    """The beam search as before 2026-12-02 20:00 UTC: the prompt's cache repeated once per beam, generated
+    positions reordered in place (``trie.reorder_beams``), instead of one shared copy read through a tree mask."""
+    from optimum_odllm.recsys import trie
+
+    original, trie.shares_prompt_cache = trie.shares_prompt_cache, lambda model, cache: False
+    try:
+        yield
+    finally:
+        trie.shares_prompt_cache = original
 
 
 def median_time(fn, device: str, warmup: int, repeat: int) -> float:
@@ -252,13 +268,16 @@ def main(argv=None) -> dict[str, Any]:
     for name, model in models.items():
         time_users(model, encoder, users[: args.eval_batch], args, device)
     per: dict[str, list[float]] = {n: [] for n in models}
-    plain = {f"{n}+plain-reorder": n for n in models} if args.compare_reorder else {}
+    searches = [(suffix, context) for suffix, context, wanted in (
+        ("+plain-reorder", whole_cache_reorder, args.compare_reorder),
+        ("+repeated-prompt", repeated_prompt, args.compare_repeated)) if wanted]
+    plain = {f"{n}{suffix}": (n, context) for suffix, context in searches for n in models}
     per.update({label: [] for label in plain})
     for _ in range(args.rounds):
         for name, model in models.items():
             per[name].append(time_users(model, encoder, users, args, device))
-        for label, name in plain.items():
-            with whole_cache_reorder():
+        for label, (name, context) in plain.items():
+            with context():
                 per[label].append(time_users(models[name], encoder, users, args, device))
     for name in [*models, *plain]:
         results["variants"].setdefault(name, {})["users_per_s"] = len(users) / statistics.median(per[name])

@@ -80,6 +80,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--history", type=int, default=20)
     p.add_argument("--levels", type=int, default=3)
     p.add_argument("--codebook-size", type=int, default=64)
+    p.add_argument("--item-embeddings", default="collaborative", choices=["offline", "collaborative", "hybrid"],
+                   help="semantic IDs from item text, from co-occurrence in the training sequences, or both")
     p.add_argument("--hidden-size", type=int, default=256)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--heads", type=int, default=4)
@@ -240,7 +242,8 @@ def main(argv=None) -> dict:
         say(f"reusing the trained recommender in {dense_dir}")
     else:
         index = build_item_index(data.item_text, data.item_ids, levels=args.levels, codebook_size=args.codebook_size,
-                                 steps=300 if args.quick else 1500, seed=args.seed)
+                                 steps=300 if args.quick else 1500, seed=args.seed, backend=args.item_embeddings,
+                                 sequences=split.train.values())
         check_same_across_processes(json.dumps(index.codes), "the item index")
         tokenizer = build_offline_tokenizer(data.item_text, index)
         encoder = InstructionEncoder(tokenizer, index, data.item_text)
@@ -266,6 +269,7 @@ def main(argv=None) -> dict:
     results: dict = {"dataset": data.name, "users": data.n_users, "items": data.n_items,
                      "interactions": data.n_interactions, "eval_users": len(test), "beams": args.beams,
                      "index": {"levels": index.levels, "codebook_size": args.codebook_size,
+                               "item_embeddings": args.item_embeddings,
                                "collisions_before_repair": index.collisions_before}}
     results["popularity"] = evaluate_popularity(split.train, test, exclude_history=False, with_stderr=True)
     results["popularity-unseen"] = evaluate_popularity(split.train, test, exclude_history=True, with_stderr=True)

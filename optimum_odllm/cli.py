@@ -317,7 +317,8 @@ def run_train(args: argparse.Namespace) -> Path:
             raise CLIError(f"{model_dir}/{INDEX_FILE} was built for another item catalogue than --dataset {args.dataset}.")
     else:
         index = build_item_index(data.item_text, data.item_ids, levels=args.levels, codebook_size=args.codebook_size,
-                                 steps=args.index_steps, seed=args.seed)
+                                 steps=args.index_steps, seed=args.seed, backend=args.item_embeddings,
+                                 sequences=split.train.values())
         if args.model:
             model, tokenizer = load_base_model(args.model, index)
         else:

@@ -182,6 +182,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--levels", type=int, default=3, help="new item index: RQ-VAE levels (default: 3).")
     parser.add_argument("--codebook-size", type=int, default=64, help="new item index: codes per level (default: 64).")
     parser.add_argument("--index-steps", type=int, default=1500, help="new item index: RQ-VAE training steps (default: 1500).")
+    parser.add_argument("--item-embeddings", default="collaborative", choices=["offline", "collaborative", "hybrid"],
+                        help="new item index: build the semantic IDs from item text (offline), from the items' "
+                             "co-occurrence in the training sequences (collaborative), or both (default: collaborative).")
     group = parser.add_argument_group("recovery fine-tuning of a compressed model")
     group.add_argument(
         "--lora", action="store_true",

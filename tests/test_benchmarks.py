@@ -196,16 +196,26 @@ def test_dense_training_gets_the_weight_decay_and_a_reused_model_keeps_its_own_r
 
     monkeypatch.setattr(qr, "train_recommender", fake_training)
     index_of = qr.build_item_index
-    monkeypatch.setattr(qr, "build_item_index", lambda *a, **k: index_of(*a, **{**k, "steps": 20}))  # fast index
+    index_kwargs = {}
+
+    def fast_index(*a, **k):
+        index_kwargs.update(k)
+        return index_of(*a, **{**k, "steps": 20})
+
+    monkeypatch.setattr(qr, "build_item_index", fast_index)
     flags = ["--heads", "2", "--out-dir", str(tmp_path), "--device", "cpu"]
-    args = qr.parse_args(["--layers", "1", "--hidden-size", "32", "--weight-decay", "0.3", "--attention-dropout", "0.2", *flags])
+    args = qr.parse_args(["--layers", "1", "--hidden-size", "32", "--weight-decay", "0.3", "--attention-dropout", "0.2",
+                          "--item-embeddings", "collaborative", *flags])
     data = qr.load_movielens_100k(None)
     split = qr.leave_one_out(data.sequences, history=args.history)
     qr.train_or_load(0, args, data, split)
     assert seen["weight_decay"] == 0.3 and seen["learning_rate"] == args.lr and seen["epochs"] == args.epochs
+    # the index is built from the training sequences only (validation/test targets excluded)
+    assert index_kwargs["backend"] == "collaborative" and list(index_kwargs["sequences"]) == list(split.train.values())
     recipe = qr.trained_recipe(tmp_path / "seed0" / "dense")
     assert recipe == {"layers": 1, "hidden_size": 32, "heads": 2, "epochs": args.epochs, "lr": args.lr,
-                      "batch_size": 64, "weight_decay": 0.3, "history": 20, "attention_dropout": 0.2, "seed": 0}
+                      "batch_size": 64, "weight_decay": 0.3, "history": 20, "attention_dropout": 0.2,
+                      "item_embeddings": "collaborative", "seed": 0}
     seen.clear()
     other = qr.parse_args(["--layers", "4", "--hidden-size", "256", "--weight-decay", "0.9", *flags])
     model, _, _ = qr.train_or_load(0, other, data, split)

@@ -110,7 +110,7 @@ def test_train_evaluate_compress_recover_end_to_end(tmp_path, capsys):
     inter, meta = _interactions(tmp_path)
     data = ["--dataset", str(inter), "--items", str(meta)]
     main(["train", *data, "-o", str(tmp_path / "dense"), "--hidden-size", "32", "--layers", "2", "--heads", "2",
-          "--levels", "2", "--codebook-size", "4", "--index-steps", "30", "--epochs", "2", "--batch-size", "16"])
+          "--levels", "2", "--codebook-size", "4", "--index-steps", "30", "--item-embeddings", "hybrid", "--epochs", "2", "--batch-size", "16"])
     dense = tmp_path / "dense" / "model"
     assert (dense / "item_index.json").is_file()
 

@@ -20,7 +20,15 @@ from optimum_odllm.recsys.data import (
     training_examples,
 )
 from optimum_odllm.recsys.evaluation import popularity_rankings
-from optimum_odllm.recsys.indexing import ItemIndex, build_item_index, count_collisions, make_unique
+from optimum_odllm.recsys.indexing import (
+    ItemIndex,
+    build_item_index,
+    collaborative_item_embeddings,
+    cooccurrence_ppmi,
+    count_collisions,
+    embed_items,
+    make_unique,
+)
 from optimum_odllm.recsys.instructions import (
     IGNORE_INDEX,
     PACKED_SEQREC_TEMPLATE,
@@ -137,6 +145,73 @@ def test_rqvae_index_is_unique_and_round_trips(tmp_path):
     assert loaded.item_of_string(index.item_string(17)) == 17
     assert loaded.item_of_string("<a_99><b_99>") is None
 
+
+
+def _dense_ppmi_by_hand(sequences, n_items, window):
+    """Reference: count every ordered pair within the window by loops, symmetrise, PPMI from the definition."""
+    counts = [[0.0] * n_items for _ in range(n_items)]
+    for seq in sequences:
+        for i in range(len(seq)):
+            for j in range(i + 1, min(len(seq), i + window + 1)):
+                if seq[i] != seq[j]:
+                    counts[seq[i]][seq[j]] += 1
+                    counts[seq[j]][seq[i]] += 1
+    total = sum(map(sum, counts))
+    rows = [sum(r) for r in counts]
+    return [[max(0.0, math.log(counts[i][j] * total / (rows[i] * rows[j]))) if counts[i][j] else 0.0
+             for j in range(n_items)] for i in range(n_items)]
+
+
+def test_cooccurrence_ppmi_matches_the_definition():
+    sequences = [[0, 1, 2, 3], [1, 2, 1, 4], [0, 3, 3, 2], [4, 0]]  # a repeat (3, 3) and an item next to itself
+    for window in (1, 2, 5):
+        got = cooccurrence_ppmi(sequences, n_items=6, window=window).to_dense()
+        assert torch.allclose(got, torch.tensor(_dense_ppmi_by_hand(sequences, 6, window)), atol=1e-6)
+        assert torch.equal(got, got.T) and got.diagonal().abs().sum() == 0 and got[5].abs().sum() == 0
+
+
+def test_cooccurrence_ppmi_refuses_bad_input():
+    with pytest.raises(ValueError, match="window"):
+        cooccurrence_ppmi([[0, 1]], 2, window=0)
+    with pytest.raises(ValueError, match=r"\[0, 2\)"):
+        cooccurrence_ppmi([[0, 2]], 2)
+    with pytest.raises(ValueError, match="co-occur"):
+        cooccurrence_ppmi([[0], []], 2)
+    with pytest.raises(ValueError, match="sequences="):
+        embed_items(["a", "b"], backend="collaborative")
+
+
+def _two_communities(n_per_group: int = 12, users: int = 80, seed: int = 0) -> list[list[int]]:
+    """Each user watches items of one group only: items 0..n-1 or n..2n-1; item 2n is never watched."""
+    rng = torch.Generator().manual_seed(seed)
+    return [(torch.randperm(n_per_group, generator=rng)[:8] + (u % 2) * n_per_group).tolist() for u in range(users)]
+
+
+def test_collaborative_embeddings_put_co_watched_items_together():
+    sequences, n = _two_communities(users=400), 12
+    state = torch.random.get_rng_state()
+    emb = collaborative_item_embeddings(sequences, 2 * n + 1, dim=8, window=8, seed=0)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's random stream is untouched
+    assert torch.equal(emb, collaborative_item_embeddings(sequences, 2 * n + 1, dim=8, window=8, seed=0))
+    assert emb.shape == (2 * n + 1, 8) and torch.isfinite(emb).all() and emb[2 * n].abs().max() == 0
+    unit = torch.nn.functional.normalize(emb[: 2 * n], dim=1)
+    cos = unit @ unit.T
+    same = torch.block_diag(torch.ones(n, n), torch.ones(n, n)).bool()
+    assert cos[same].min() > cos[~same].max() + 0.2  # every within-group pair closer than every cross-group pair
+
+
+def test_embed_items_interaction_backends():
+    sequences, n = _two_communities(), 12
+    texts = [f"title {k}" for k in range(2 * n + 1)]
+    collaborative = embed_items(texts, backend="collaborative", sequences=sequences)
+    assert torch.equal(collaborative, collaborative_item_embeddings(sequences, len(texts)))
+    hybrid = embed_items(texts, backend="hybrid", sequences=sequences)
+    text = embed_items(texts)
+    assert hybrid.shape == (len(texts), text.shape[1] + collaborative.shape[1])
+    standardized = (text - text.mean(0)) / text.std(0)
+    assert torch.allclose(hybrid[:, : text.shape[1]], standardized, atol=1e-5)  # each half weighs alike
+    index = build_item_index(texts, levels=2, codebook_size=4, steps=20, backend="hybrid", sequences=sequences)
+    assert len(set(index.codes)) == len(texts)
 
 # -------------------------------------------------------------------------------------- instructions
 
@@ -313,7 +388,8 @@ def test_beam_search_with_the_prefix_preserving_reorder_equals_the_plain_reorder
     with torch.no_grad():
         with monkeypatch.context() as patch:  # the first search must never take the plain path
             patch.setattr(DynamicCache, "reorder_cache", whole_cache_copy)
-            fast = constrained_beam_search(model, prompts, trie, num_beams=6, attention_mask=mask, exclude=exclude)
+            fast = constrained_beam_search(model, prompts, trie, num_beams=6, attention_mask=mask, exclude=exclude,
+                                           shared_prompt=False)
 
         class NotADynamicLayer:  # every cache layer now fails the type check: the plain reorder_cache path
             pass
@@ -322,6 +398,74 @@ def test_beam_search_with_the_prefix_preserving_reorder_equals_the_plain_reorder
         plain = constrained_beam_search(model, prompts, trie, num_beams=6, attention_mask=mask, exclude=exclude)
     assert fast[0] == plain[0] and torch.equal(fast[1], plain[1])
     assert all(not set(r) & e for r, e in zip(fast[0], exclude)) and len(index.codes) > 6
+
+
+def test_tree_attention_mask_by_hand():
+    from optimum_odllm.recsys.trie import tree_attention_mask
+
+    prompt_mask = torch.tensor([[False, True, True]])  # one left-padded prompt of 2 tokens
+    ancestors = torch.tensor([[[1, 0], [1, 1], [0, 2]]])  # 3 beams, 2 generated blocks: beam j's path per block
+    mask = tree_attention_mask(prompt_mask, ancestors, torch.float32)
+    visible = (mask == 0).int()[0, 0]
+    assert mask.shape == (1, 1, 3, 3 + 2 * 3) and set(mask.unique().tolist()) == {0.0, torch.finfo(torch.float32).min}
+    assert visible.tolist() == [[0, 1, 1, 0, 1, 0, 1, 0, 0],   # beam 0: block 1 token 1, block 2 token 0
+                                [0, 1, 1, 0, 1, 0, 0, 1, 0],   # beam 1: token 1, token 1
+                                [0, 1, 1, 1, 0, 0, 0, 0, 1]]   # beam 2: token 0, token 2
+
+
+def _tiny_causal_lm(kind: str, vocab: int):
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config
+
+    torch.manual_seed(3)
+    config = {
+        "llama": LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2),
+        "qwen2": Qwen2Config(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2),
+        "gpt2": GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4),
+    }[kind]
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_shared_prompt_search_equals_the_repeated_prompt_search(kind, attn, monkeypatch):
+    """Tree attention over one copy of each prompt's cache gives the same items and scores as repeating the
+    prompt per beam (left padding, exclusions, more items than beams), and never repeats the cache."""
+    from transformers.cache_utils import DynamicCache
+
+    codes = [(a, b, c) for a in range(4) for b in range(4) for c in range(3)]
+    items = [tuple(20 + 10 * level + v for level, v in enumerate(code)) for code in codes]  # token ids 20..52
+    trie = PrefixTrie(items)
+    model = _tiny_causal_lm(kind, vocab=60)
+    model.config._attn_implementation = attn
+    rows = [[3, 7, 11, 5, 9], [5, 2], [14, 1, 2, 13]]
+    width = max(map(len, rows))
+    prompts = torch.tensor([[0] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    exclude = [{0, 1, 2}, {5}, set()]
+    plain = constrained_beam_search(model, prompts, trie, num_beams=6, attention_mask=mask, exclude=exclude,
+                                    shared_prompt=False)
+
+    def repeated(self, repeats):
+        raise AssertionError("the shared-prompt search repeated the prompt's cache")
+
+    monkeypatch.setattr(DynamicCache, "batch_repeat_interleave", repeated)
+    shared = constrained_beam_search(model, prompts, trie, num_beams=6, attention_mask=mask, exclude=exclude)
+    assert shared[0] == plain[0]
+    assert torch.allclose(shared[1], plain[1], atol=1e-5)
+    assert all(not set(r) & e for r, e in zip(shared[0], exclude))
+    unpadded = constrained_beam_search(model, prompts[:1], trie, num_beams=6)  # no attention mask at all
+    assert unpadded[0][0] == constrained_beam_search(model, prompts[:1], trie, num_beams=6, attention_mask=mask[:1])[0][0]
+
+
+def test_shared_prompt_search_is_refused_where_it_cannot_run():
+    trie = PrefixTrie([(1, 4, 7), (1, 4, 8), (2, 5, 7)])
+    model = _TableLM(torch.randn(12, 12))  # not a transformers model: no custom 4-D masks
+    with pytest.raises(ValueError, match="shared_prompt=None"):
+        constrained_beam_search(model, torch.tensor([[0, 3]]), trie, num_beams=2, shared_prompt=True)
+    ranked, _ = constrained_beam_search(model, torch.tensor([[0, 3]]), trie, num_beams=2)  # auto: the repeated path
+    assert len(ranked[0]) == 2
 
 
 # ------------------------------------------------------------------------------------------- metrics

@@ -17,7 +17,7 @@ import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
 from torch import nn
@@ -68,11 +68,77 @@ def offline_text_embeddings(texts: Sequence[str], dim: int = 64, buckets: int = 
     x = x * idf
     x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
     x = x - x.mean(0, keepdim=True)
+    u, s = _seeded_svd_lowrank(x, dim, seed)
+    return (u * s).contiguous()
+
+
+def _seeded_svd_lowrank(x: torch.Tensor, dim: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top ``dim`` left singular vectors and values of ``x`` (dense or sparse), reproducible from ``seed``
+    without disturbing the caller's random state."""
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
-    u, s, _ = torch.svd_lowrank(x, q=min(dim, min(x.shape) - 1), niter=4)
-    torch.random.set_rng_state(gen_state)
-    return (u * s).contiguous()
+    try:
+        u, s, _ = torch.svd_lowrank(x, q=min(dim, min(x.shape) - 1), niter=4)
+    finally:
+        torch.random.set_rng_state(gen_state)
+    return u, s
+
+
+def cooccurrence_ppmi(sequences: Iterable[Sequence[int]], n_items: int, window: int = 10) -> torch.Tensor:
+    """Positive pointwise mutual information of items met within ``window`` steps of each other in one user's
+    sequence, as a symmetric sparse ``[n_items, n_items]`` matrix (zero diagonal).
+
+    PPMI(i, j) = max(0, log(n_ij * N / (n_i * n_j))) with n_ij the co-occurrence count, n_i its row sum and N
+    the total: popular items are not similar to everything merely by being frequent.
+    """
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    left, right = [], []
+    for seq in sequences:
+        seq = torch.as_tensor(list(seq), dtype=torch.long)
+        for d in range(1, min(window, len(seq) - 1) + 1):
+            left.append(seq[:-d])
+            right.append(seq[d:])
+    if not left:
+        raise ValueError("no two items co-occur in the sequences: collaborative embeddings need interactions")
+    a, b = torch.cat(left), torch.cat(right)
+    if int(torch.cat([a, b]).min()) < 0 or int(torch.cat([a, b]).max()) >= n_items:
+        raise ValueError(f"item ids must lie in [0, {n_items}); the sequences hold ids outside it")
+    keep = a != b  # an item next to itself says nothing about similarity
+    rows, cols = torch.cat([a[keep], b[keep]]), torch.cat([b[keep], a[keep]])
+    counts = torch.sparse_coo_tensor(torch.stack([rows, cols]), torch.ones(len(rows), dtype=torch.float64),
+                                     (n_items, n_items), check_invariants=True).coalesce()
+    (r, c), n = counts.indices(), counts.values()
+    item_totals = torch.zeros(n_items, dtype=torch.float64).index_add_(0, r, n)
+    pmi = torch.log(n * n.sum() / (item_totals[r] * item_totals[c]))
+    positive = pmi > 0
+    return torch.sparse_coo_tensor(torch.stack([r[positive], c[positive]]), pmi[positive].float(),
+                                   (n_items, n_items), check_invariants=True).coalesce()
+
+
+def collaborative_item_embeddings(sequences: Iterable[Sequence[int]], n_items: int, dim: int = 64, window: int = 10,
+                                  seed: int = 0) -> torch.Tensor:
+    """Item embeddings from interactions alone: the truncated SVD of :func:`cooccurrence_ppmi` (rows U·sqrt(S)).
+
+    Items that the same users meet close together get nearby vectors, so the RQ-VAE gives them shared code
+    prefixes ("collaborative" semantic IDs) instead of prefixes shared by similar titles. Pass **training**
+    sequences only: validation and test targets must not shape the index. Items never seen in them get the
+    zero vector (their codes then come from the other half of a ``hybrid`` index, or from collision repair).
+    """
+    ppmi = cooccurrence_ppmi(sequences, n_items, window)
+    u, s = _seeded_svd_lowrank(ppmi, dim, seed)
+    return (u * s.sqrt()).contiguous()
+
+
+def hybrid_item_embeddings(text: torch.Tensor, collaborative: torch.Tensor) -> torch.Tensor:
+    """Text and collaborative embeddings side by side, each column standardised so both halves weigh alike."""
+    if len(text) != len(collaborative):
+        raise ValueError(f"{len(text)} text embeddings but {len(collaborative)} collaborative ones")
+    return torch.cat([_standardized(text.float()), _standardized(collaborative.float())], dim=1)
+
+
+def _standardized(x: torch.Tensor) -> torch.Tensor:
+    return (x - x.mean(0)) / x.std(0).clamp_min(1e-6)
 
 
 def sentence_transformer_embeddings(texts: Sequence[str], model_name: str, batch_size: int = 64) -> torch.Tensor:
@@ -102,8 +168,16 @@ def lm_hidden_state_embeddings(model, tokenizer, texts: Sequence[str], batch_siz
     return torch.cat(out)
 
 
-def embed_items(texts: Sequence[str], backend: str = "offline", model=None, tokenizer=None, model_name: str | None = None):
-    """Dispatch to an embedding backend: ``offline`` (default), ``sentence-transformers`` or ``lm``."""
+def embed_items(texts: Sequence[str], backend: str = "offline", model=None, tokenizer=None, model_name: str | None = None,
+                sequences: Iterable[Sequence[int]] | None = None) -> torch.Tensor:
+    """Dispatch to an embedding backend: text only (``offline``, the default; ``sentence-transformers``; ``lm``),
+    or from interactions: ``collaborative`` (item co-occurrence in ``sequences``, the users' **training** item-id
+    sequences) and ``hybrid`` (``offline`` text and ``collaborative`` side by side)."""
+    if backend in ("collaborative", "hybrid"):
+        if sequences is None:
+            raise ValueError(f"the {backend!r} backend needs sequences= (the users' training sequences of item ids)")
+        collaborative = collaborative_item_embeddings(sequences, len(texts))
+        return collaborative if backend == "collaborative" else hybrid_item_embeddings(offline_text_embeddings(texts), collaborative)
     if backend == "offline":
         return offline_text_embeddings(texts)
     if backend == "sentence-transformers":
@@ -112,7 +186,7 @@ def embed_items(texts: Sequence[str], backend: str = "offline", model=None, toke
         if model is None or tokenizer is None:
             raise ValueError("the 'lm' backend needs model= and tokenizer=")
         return lm_hidden_state_embeddings(model, tokenizer, texts)
-    raise ValueError(f"unknown embedding backend {backend!r}: use offline, sentence-transformers or lm")
+    raise ValueError(f"unknown embedding backend {backend!r}: use offline, sentence-transformers, lm, collaborative or hybrid")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -327,8 +401,9 @@ def build_item_index(texts: Sequence[str], item_ids: Sequence[str] | None = None
     """Embed item texts, train the RQ-VAE, make codes unique and report collisions."""
     if embeddings is None:
         embeddings = embed_items(texts, backend=backend, **embed_kwargs)
-    x = embeddings.float()
-    x = (x - x.mean(0)) / x.std(0).clamp_min(1e-6)
+    x = _standardized(embeddings.float())
+    if not torch.isfinite(x).all():
+        raise ValueError("item embeddings hold NaN or Inf")
     rqvae = train_rqvae(x, levels=levels, codebook_size=codebook_size, steps=steps, seed=seed)
     with torch.no_grad():
         _, codes, _ = rqvae(x)

@@ -14,6 +14,7 @@ from collections import Counter
 from typing import Collection, Iterable, Mapping, Sequence
 
 import torch
+from transformers import PreTrainedModel
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 
@@ -126,15 +127,105 @@ def reorder_beams(cache, rows: torch.Tensor, prompt_length: int) -> None:
             states[:, :, prompt_length:] = states[:, :, prompt_length:].index_select(0, rows.to(states.device))
 
 
+def shares_prompt_cache(model, cache) -> bool:
+    """Whether ``model`` can take the shared-prompt search: a transformers model whose attention (eager or SDPA)
+    accepts a custom 4-D mask as is, with full attention in every layer and a plain dynamic cache.
+
+    Other callables (the exported runtimes' runners, ``torch.compile`` wrappers with static caches) keep the
+    repeated-prompt search.
+    """
+    config = getattr(model, "config", None)
+    if not isinstance(model, PreTrainedModel) or config is None:
+        return False
+    if getattr(config, "_attn_implementation", None) not in ("eager", "sdpa"):
+        return False
+    if getattr(config, "use_sliding_window", False) or "sliding_attention" in (getattr(config, "layer_types", None) or ()):
+        return False
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+
+
+def tree_attention_mask(prompt_mask: torch.Tensor, ancestors: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive ``[batch, 1, beams, prompt + steps * beams]`` mask for feeding every prompt's beams as one sequence.
+
+    The cache holds each prompt once, then one block of ``beams`` generated tokens per step, in the beam order of
+    that step. ``ancestors[b, j, s]`` is the position, inside block ``s``, of beam ``j``'s token at step ``s``, so beam
+    ``j`` sees the prompt (minus padding) and exactly one token of every block: the path it extends.
+    """
+    batch, beams, steps = ancestors.shape
+    path = torch.zeros(batch, beams, steps, beams, dtype=torch.bool, device=ancestors.device)
+    path.scatter_(3, ancestors.unsqueeze(-1), True)
+    visible = torch.cat([prompt_mask[:, None, :].expand(batch, beams, -1), path.view(batch, beams, steps * beams)], -1)
+    mask = torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(~visible, torch.finfo(dtype).min)
+    return mask.unsqueeze(1)
+
+
+class _RepeatedPrompt:
+    """The textbook layout: the prompt's cache repeated once per beam, one row per beam, rows reordered after each
+    step (only the generated positions are copied, :func:`reorder_beams`). Works with any cache."""
+
+    def __init__(self, model, cache, batch: int, k: int, prompt_length: int, attention_mask, last_pos):
+        self.model, self.cache, self.batch, self.k, self.prompt_length = model, cache, batch, k, prompt_length
+        cache.batch_repeat_interleave(k)
+        self.attention_mask = attention_mask.repeat_interleave(k, 0) if attention_mask is not None else None
+        self.last_pos = last_pos.repeat_interleave(k, 0) if last_pos is not None else None
+
+    def log_probs(self, step: int, tokens: torch.Tensor) -> torch.Tensor:
+        kwargs = {}
+        if self.attention_mask is not None:
+            self.attention_mask = torch.cat([self.attention_mask, self.attention_mask.new_ones((self.batch * self.k, 1))], 1)
+            kwargs = {"attention_mask": self.attention_mask, "position_ids": (self.last_pos + step).unsqueeze(-1)}
+        out = self.model(input_ids=tokens.reshape(-1, 1), past_key_values=self.cache, use_cache=True, **kwargs)
+        self.cache = out.past_key_values
+        return torch.log_softmax(out.logits[:, -1].float(), dim=-1).view(self.batch, self.k, -1)
+
+    def keep(self, beam: torch.Tensor, step: int, last: bool) -> None:
+        if not last:  # the last step's cache is never read again
+            rows = (beam + torch.arange(self.batch, device=beam.device).unsqueeze(1) * self.k).view(-1)
+            reorder_beams(self.cache, rows, self.prompt_length)
+
+
+class _SharedPrompt:
+    """Tree attention: each prompt's cache is kept once and every step appends its beams' tokens as one block of
+    that prompt's sequence, with :func:`tree_attention_mask` telling each token which earlier tokens are its path.
+    Nothing is repeated or reordered: the cache a step extends is ``beams`` times smaller than the repeated one."""
+
+    def __init__(self, model, cache, batch: int, k: int, prompt_length: int, attention_mask, last_pos):
+        self.model, self.cache, self.k = model, cache, k
+        device = cache.layers[0].keys.device
+        self.prompt_mask = (attention_mask.bool() if attention_mask is not None
+                            else torch.ones(batch, prompt_length, dtype=torch.bool, device=device))
+        self.last_pos = last_pos if last_pos is not None else torch.full((batch,), prompt_length - 1, device=device)
+        self.ancestors = torch.empty(batch, k, 0, dtype=torch.long, device=device)
+        self.dtype = model.dtype
+
+    def log_probs(self, step: int, tokens: torch.Tensor) -> torch.Tensor:
+        batch = tokens.shape[0]
+        block = torch.arange(self.k, device=tokens.device).expand(batch, self.k).unsqueeze(-1)
+        self.ancestors = torch.cat([self.ancestors, block], -1)
+        out = self.model(input_ids=tokens, attention_mask=tree_attention_mask(self.prompt_mask, self.ancestors, self.dtype),
+                         position_ids=(self.last_pos + step).unsqueeze(-1).expand(batch, self.k),
+                         past_key_values=self.cache, use_cache=True)
+        self.cache = out.past_key_values
+        return torch.log_softmax(out.logits.float(), dim=-1)
+
+    def keep(self, beam: torch.Tensor, step: int, last: bool) -> None:
+        self.ancestors = self.ancestors.gather(1, beam.unsqueeze(-1).expand(-1, -1, step))
+
+
 @torch.no_grad()
 def constrained_beam_search(model, prompts: torch.Tensor, trie: PrefixTrie, num_beams: int = 20,
                             attention_mask: torch.Tensor | None = None,
-                            exclude: Sequence[Iterable[int]] | None = None) -> tuple[list[list[int]], torch.Tensor]:
+                            exclude: Sequence[Iterable[int]] | None = None,
+                            shared_prompt: bool | None = None) -> tuple[list[list[int]], torch.Tensor]:
     """Top ``num_beams`` valid items per prompt, best first, with their summed log-probabilities.
 
     ``prompts`` is ``[batch, length]``; left padding needs ``attention_mask``. ``exclude`` holds one set of
     item positions per prompt (e.g. the user's history) that no beam may complete. Returns item positions
     (as in the trie's input list; ``-1`` where fewer valid items exist than beams) and scores ``[batch, beams]``.
+    ``shared_prompt`` (default: wherever :func:`shares_prompt_cache` allows it) keeps one copy of each prompt's
+    cache and attends to it from all its beams through a tree mask, instead of repeating it per beam; the
+    results are the same up to floating-point rounding.
     """
     batch, prompt_length = prompts.shape
     device = prompts.device
@@ -159,20 +250,17 @@ def constrained_beam_search(model, prompts: torch.Tensor, trie: PrefixTrie, num_
         scores = torch.cat([scores, scores.new_full((batch, pad), float("-inf"))], 1)
         tokens = torch.cat([tokens, tokens.new_zeros((batch, pad))], 1)
     sequences = tokens.unsqueeze(-1)  # [batch, beams, step]
-    cache.batch_repeat_interleave(k)
-    if attention_mask is not None:
-        attention_mask = attention_mask.repeat_interleave(k, 0)
-        last_pos = position_ids[:, -1].repeat_interleave(k, 0)
+    if shared_prompt is None:
+        shared_prompt = shares_prompt_cache(model, cache)
+    elif shared_prompt and not shares_prompt_cache(model, cache):
+        raise ValueError("shared_prompt=True needs a transformers model with eager or SDPA attention, full attention "
+                         "in every layer and a dynamic cache; pass shared_prompt=None to choose automatically")
+    last_pos = position_ids[:, -1] if position_ids is not None else None
+    beams = (_SharedPrompt if shared_prompt else _RepeatedPrompt)(model, cache, batch, k, prompt_length,
+                                                                  attention_mask, last_pos)
     row_blocked = [blocked[i // k] for i in range(batch * k)]  # beams of a prompt share its exclusions
     for step in range(1, trie.length):
-        flat_tokens = sequences[:, :, -1].reshape(-1, 1)
-        kwargs = {}
-        if attention_mask is not None:
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones((batch * k, 1))], 1)
-            kwargs = {"attention_mask": attention_mask, "position_ids": (last_pos + step).unsqueeze(-1)}
-        out = model(input_ids=flat_tokens, past_key_values=cache, use_cache=True, **kwargs)
-        cache = out.past_key_values
-        logp = torch.log_softmax(out.logits[:, -1].float(), dim=-1).view(batch, k, vocab)
+        logp = beams.log_probs(step, sequences[:, :, -1])
         prefixes = [tuple(p) for row in sequences.tolist() for p in row]
         alive = (scores > float("-inf")).view(-1).tolist()
         step_mask = _allowed_mask(trie, prefixes, row_blocked, alive, (batch * k, vocab), device).view(batch, k, vocab)
@@ -180,8 +268,7 @@ def constrained_beam_search(model, prompts: torch.Tensor, trie: PrefixTrie, num_
         scores, flat = cand.topk(k, dim=-1)
         beam, token = flat // vocab, flat % vocab
         sequences = torch.cat([sequences.gather(1, beam.unsqueeze(-1).expand(-1, -1, step)), token.unsqueeze(-1)], -1)
-        if step < trie.length - 1:  # the last step's cache is never read again
-            reorder_beams(cache, (beam + torch.arange(batch, device=device).unsqueeze(1) * k).view(-1), prompt_length)
+        beams.keep(beam, step, last=step == trie.length - 1)
     items = []
     for b, row in enumerate(sequences.tolist()):
         items.append([trie.item(seq) if scores[b, j] > float("-inf") else None for j, seq in enumerate(row)])

@@ -124,14 +124,19 @@ def weights_mib(model) -> float:
 
 
 @torch.no_grad()
-def time_users(model, encoder, users, args, device) -> float:
+def time_users(model, encoder, users, args, device, rankings: list | None = None) -> float:
+    """Seconds to rank ``users`` (their ranked lists are appended to ``rankings`` if given)."""
     from optimum_odllm.recsys import PACKED_SEQREC_TEMPLATE, recommend
 
     sync(device)
     t = time.perf_counter()
-    recommend(model, encoder, users, PACKED_SEQREC_TEMPLATE, num_beams=args.beams, batch_size=args.eval_batch, progress=False)
+    ranked = recommend(model, encoder, users, PACKED_SEQREC_TEMPLATE, num_beams=args.beams, batch_size=args.eval_batch,
+                       progress=False)
     sync(device)
-    return time.perf_counter() - t
+    seconds = time.perf_counter() - t
+    if rankings is not None:
+        rankings.append(ranked)
+    return seconds
 
 
 @contextlib.contextmanager
@@ -273,15 +278,19 @@ def main(argv=None) -> dict[str, Any]:
         ("+repeated-prompt", repeated_prompt, args.compare_repeated)) if wanted]
     plain = {f"{n}{suffix}": (n, context) for suffix, context in searches for n in models}
     per.update({label: [] for label in plain})
+    rankings: dict[str, list] = {label: [] for label in per}
     for _ in range(args.rounds):
         for name, model in models.items():
-            per[name].append(time_users(model, encoder, users, args, device))
+            per[name].append(time_users(model, encoder, users, args, device, rankings[name]))
         for label, (name, context) in plain.items():
             with context():
-                per[label].append(time_users(models[name], encoder, users, args, device))
+                per[label].append(time_users(models[name], encoder, users, args, device, rankings[label]))
     for name in [*models, *plain]:
         results["variants"].setdefault(name, {})["users_per_s"] = len(users) / statistics.median(per[name])
         results["variants"][name]["users_per_s_all_rounds"] = [len(users) / s for s in per[name]]
+    for label, (name, _) in plain.items():  # do the searches rank alike? (first round; float rounding may swap ties)
+        same = [a == b for a, b in zip(rankings[label][0], rankings[name][0])]
+        results["variants"][label]["same_ranked_list_as_default"] = sum(same) / len(same)
     write_json(args.out, results)
     print({n: round(results["variants"][n]["users_per_s"], 2) for n in per}, flush=True)
 
@@ -315,14 +324,14 @@ def main(argv=None) -> dict[str, Any]:
         for key in ("users_per_s",):
             if key in base and key in r:
                 row["speedup_users_per_s"] = r[key] / base[key]
-        for b in args.batches.split(","):
+        for b in [b for b in args.batches.split(",") if b]:
             for key in (f"prefill_ms_b{b}", f"decode_ms_per_token_b{b}"):
                 if key in base and key in r:
                     row[f"speedup_{key}"] = base[key] / r[key]
         rows.append(row)
     results["table"] = rows
     cols = ["variant", "weights_mib", "peak_rss_mib", "users_per_s", "speedup_users_per_s"]
-    for b in args.batches.split(","):
+    for b in [b for b in args.batches.split(",") if b]:
         cols += [f"prefill_ms_b{b}", f"decode_ms_per_token_b{b}", f"speedup_decode_ms_per_token_b{b}"]
     table = markdown_table(rows, cols)
     Path(args.out).with_suffix(".md").write_text(table + "\n")

@@ -222,3 +222,40 @@ def test_dense_training_gets_the_weight_decay_and_a_reused_model_keeps_its_own_r
     assert not seen and model.config.num_hidden_layers == 1  # loaded, not trained again
     assert qr.trained_recipe(tmp_path / "seed0" / "dense") == recipe
     assert qr.trained_recipe(tmp_path / "nothing") is None
+
+
+def test_recsys_speed_search_switches_take_the_layouts_they_name(monkeypatch):
+    """--compare-repeated / --compare-reorder time the older searches: inside their context managers the beam search
+    must repeat the prompt's cache per beam (and, for the second, reorder whole rows); outside, it must not."""
+    from transformers.cache_utils import DynamicCache
+
+    from optimum_odllm.recsys.trie import PrefixTrie, constrained_beam_search
+
+    rs = pytest.importorskip("recsys_speed")
+    calls = {"repeat": 0, "reorder": 0}
+    repeat, reorder = DynamicCache.batch_repeat_interleave, DynamicCache.reorder_cache
+
+    def counted(name, method):
+        def wrapper(self, *a, **k):
+            calls[name] += 1
+            return method(self, *a, **k)
+        return wrapper
+
+    monkeypatch.setattr(DynamicCache, "batch_repeat_interleave", counted("repeat", repeat))
+    monkeypatch.setattr(DynamicCache, "reorder_cache", counted("reorder", reorder))
+    model = tiny_llama()
+    trie = PrefixTrie([(10 + a, 20 + b, 30 + c) for a in range(3) for b in range(3) for c in range(2)])
+    prompts = torch.randint(3, 9, (2, 5))
+    searches = {}
+    for label, context in (("default", None), ("repeated", rs.repeated_prompt), ("reorder", rs.whole_cache_reorder)):
+        before = dict(calls)
+        if context is None:
+            searches[label] = constrained_beam_search(model, prompts, trie, num_beams=4)
+        else:
+            with context():
+                searches[label] = constrained_beam_search(model, prompts, trie, num_beams=4)
+        searches[label] = (searches[label][0], {k: calls[k] - before[k] for k in calls})
+    assert searches["default"][1] == {"repeat": 0, "reorder": 0}
+    assert searches["repeated"][1] == {"repeat": 1, "reorder": 0}  # in-place reorder of the generated positions
+    assert searches["reorder"][1] == {"repeat": 1, "reorder": 1}  # whole rows, at the one intermediate step
+    assert searches["default"][0] == searches["repeated"][0] == searches["reorder"][0]

@@ -459,6 +459,17 @@ def test_shared_prompt_search_equals_the_repeated_prompt_search(kind, attn, monk
     assert unpadded[0][0] == constrained_beam_search(model, prompts[:1], trie, num_beams=6, attention_mask=mask[:1])[0][0]
 
 
+def test_prefill_computes_only_the_last_positions_logits():
+    """The search reads one logit row per prompt after the prefill: the head runs on that row only."""
+    items = [tuple(20 + 10 * level + v for level, v in enumerate(code)) for code in [(0, 1, 2), (1, 0, 2), (1, 1, 0)]]
+    model = _tiny_causal_lm("llama", vocab=60)
+    head_rows = []
+    model.lm_head.register_forward_hook(lambda module, inputs, output: head_rows.append(inputs[0].shape[:2]))
+    prompts = torch.tensor([[3, 7, 11, 5, 9], [5, 2, 8, 8, 1]])
+    constrained_beam_search(model, prompts, PrefixTrie(items), num_beams=2)
+    assert head_rows[0] == (2, 1) and all(rows == (2, 2) for rows in head_rows[1:])  # then 2 beams per prompt
+
+
 def test_shared_prompt_search_is_refused_where_it_cannot_run():
     trie = PrefixTrie([(1, 4, 7), (1, 4, 8), (2, 5, 7)])
     model = _TableLM(torch.randn(12, 12))  # not a transformers model: no custom 4-D masks

@@ -10,6 +10,7 @@ loop short, batched across users, and independent of generation-config defaults 
 
 from __future__ import annotations
 
+import inspect
 from collections import Counter
 from typing import Collection, Iterable, Mapping, Sequence
 
@@ -145,6 +146,13 @@ def shares_prompt_cache(model, cache) -> bool:
     return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
 
 
+def _takes_logits_to_keep(model) -> bool:
+    try:
+        return "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (AttributeError, TypeError, ValueError):
+        return False
+
+
 def tree_attention_mask(prompt_mask: torch.Tensor, ancestors: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Additive ``[batch, 1, beams, prompt + steps * beams]`` mask for feeding every prompt's beams as one sequence.
 
@@ -237,8 +245,9 @@ def constrained_beam_search(model, prompts: torch.Tensor, trie: PrefixTrie, num_
     if attention_mask is not None:
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
     cache = DynamicCache()
+    last_only = {"logits_to_keep": 1} if _takes_logits_to_keep(model) else {}  # the prompt's other logits are unused
     out = model(input_ids=prompts, attention_mask=attention_mask, position_ids=position_ids,
-                past_key_values=cache, use_cache=True)
+                past_key_values=cache, use_cache=True, **last_only)
     cache = out.past_key_values
     logp = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # [batch, vocab]
     vocab = logp.shape[-1]

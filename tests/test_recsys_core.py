@@ -470,6 +470,18 @@ def test_prefill_computes_only_the_last_positions_logits():
     assert head_rows[0] == (2, 1) and all(rows == (2, 2) for rows in head_rows[1:])  # then 2 beams per prompt
 
 
+def test_shared_prompt_is_the_default_on_cpus_only():
+    from transformers.cache_utils import DynamicCache
+
+    from optimum_odllm.recsys.trie import prefers_shared_prompt
+
+    model = _tiny_causal_lm("llama", vocab=60)
+    cache = model(input_ids=torch.tensor([[3, 4, 5]]), past_key_values=DynamicCache(), use_cache=True).past_key_values
+    assert prefers_shared_prompt(model, cache, torch.device("cpu"))
+    assert not prefers_shared_prompt(model, cache, torch.device("cuda"))  # measured no faster there (device only)
+    assert not prefers_shared_prompt(_TableLM(torch.randn(4, 4)), cache, torch.device("cpu"))
+
+
 def test_shared_prompt_search_is_refused_where_it_cannot_run():
     trie = PrefixTrie([(1, 4, 7), (1, 4, 8), (2, 5, 7)])
     model = _TableLM(torch.randn(12, 12))  # not a transformers model: no custom 4-D masks

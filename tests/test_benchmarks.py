@@ -259,3 +259,18 @@ def test_recsys_speed_search_switches_take_the_layouts_they_name(monkeypatch):
     assert searches["repeated"][1] == {"repeat": 1, "reorder": 0}  # in-place reorder of the generated positions
     assert searches["reorder"][1] == {"repeat": 1, "reorder": 1}  # whole rows, at the one intermediate step
     assert searches["default"][0] == searches["repeated"][0] == searches["reorder"][0]
+
+
+def test_item_code_probe_against_hand_counts():
+    import math
+
+    from optimum_odllm.recsys.data import Example
+
+    probe = pytest.importorskip("item_code_probe")
+    codes = [(0, 0), (0, 1), (1, 0), (1, 1)]  # items 0-3: first codes 0, 0, 1, 1
+    train = {"u": [0, 2, 1, 3, 0, 2], "v": [1, 1]}  # first-code transitions: 0->1 x3, 1->0 x2, 0->0 x1
+    examples = [Example("u", (2, 0), 3), Example("v", (1,), 0)]  # 0 -> 1 (the most frequent: hit), 0 -> 0 (miss)
+    got = probe.prefix_predictability(codes, train, examples, levels=1, codebook_size=2)
+    assert got["top1"] == 0.5
+    expected = (math.log((3 + 0.1) / (4 + 0.2)) + math.log((1 + 0.1) / (4 + 0.2))) / 2
+    assert got["loglik"] == pytest.approx(expected) and got["uniform_loglik"] == pytest.approx(-math.log(2))

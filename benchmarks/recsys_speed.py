@@ -140,32 +140,29 @@ def time_users(model, encoder, users, args, device, rankings: list | None = None
 
 
 @contextlib.contextmanager
-def whole_cache_reorder():
-    """The beam search as before 2026-12-02 16:50 UTC: ``reorder_cache`` copies every row's whole cache (prompt
-    included) at each intermediate step, instead of only the generated positions (``trie.reorder_beams``)."""
+def _trie_attribute(name: str, value):
+    """Replace ``optimum_odllm.recsys.trie.<name>`` while the block runs (the searches below look it up there)."""
     from optimum_odllm.recsys import trie
 
-    class NotADynamicLayer:
-        pass
-
-    original, trie.DynamicLayer = trie.DynamicLayer, NotADynamicLayer
+    original = getattr(trie, name)
+    setattr(trie, name, value)
     try:
         yield
     finally:
-        trie.DynamicLayer = original
+        setattr(trie, name, original)
 
 
-@contextlib.contextmanager
+def whole_cache_reorder():
+    """The beam search as before 2026-12-02 16:50 UTC: ``reorder_cache`` copies every row's whole cache (prompt
+    included) at each intermediate step, instead of only the generated positions (``trie.reorder_beams``).
+    No cache layer passes the type check, which also turns the shared-prompt search off."""
+    return _trie_attribute("DynamicLayer", type("NotADynamicLayer", (), {}))
+
+
 def repeated_prompt():
     """The beam search as before 2026-12-02 20:00 UTC: the prompt's cache repeated once per beam, generated
     positions reordered in place (``trie.reorder_beams``), instead of one shared copy read through a tree mask."""
-    from optimum_odllm.recsys import trie
-
-    original, trie.shares_prompt_cache = trie.shares_prompt_cache, lambda model, cache: False
-    try:
-        yield
-    finally:
-        trie.shares_prompt_cache = original
+    return _trie_attribute("shares_prompt_cache", lambda model, cache: False)
 
 
 def median_time(fn, device: str, warmup: int, repeat: int) -> float:

@@ -102,7 +102,8 @@ def cooccurrence_ppmi(sequences: Iterable[Sequence[int]], n_items: int, window: 
     if not left:
         raise ValueError("no two items co-occur in the sequences: collaborative embeddings need interactions")
     a, b = torch.cat(left), torch.cat(right)
-    if int(torch.cat([a, b]).min()) < 0 or int(torch.cat([a, b]).max()) >= n_items:
+    ids = torch.cat([a, b])
+    if int(ids.min()) < 0 or int(ids.max()) >= n_items:
         raise ValueError(f"item ids must lie in [0, {n_items}); the sequences hold ids outside it")
     keep = a != b  # an item next to itself says nothing about similarity
     rows, cols = torch.cat([a[keep], b[keep]]), torch.cat([b[keep], a[keep]])

@@ -79,6 +79,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compare-repeated", action="store_true",
                    help="also time every variant's beam search with the prompt's cache repeated per beam, i.e. without "
                         "tree attention (NAME+repeated-prompt)")
+    p.add_argument("--single-user", type=int, default=0, metavar="N",
+                   help="also time N requests of one user each (an on-device app's path): median ms per request with "
+                        "the item trie built once (single_user_ms) and rebuilt per request, as before 2026-12-03")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="benchmarks/results/recsys_speed_cpu.json")
     return p.parse_args(argv)
@@ -163,6 +166,24 @@ def repeated_prompt():
     """The beam search as before 2026-12-02 20:00 UTC: the prompt's cache repeated once per beam, generated
     positions reordered in place (``trie.reorder_beams``), instead of one shared copy read through a tree mask."""
     return _trie_attribute("shares_prompt_cache", lambda model, cache: False)
+
+
+def single_user_latency(models: dict, encoder, requests: list, args, device: str, results: dict) -> None:
+    """Median ms to rank one user, per variant, round-robin: with the encoder's item trie built once, and with it
+    rebuilt for every request (what ``recommend`` did before it kept the trie on the encoder)."""
+    cached: dict[str, list[float]] = {n: [] for n in models}
+    rebuilt: dict[str, list[float]] = {n: [] for n in models}
+    for _ in range(args.rounds):
+        for name, model in models.items():
+            for example in requests:
+                encoder.trie  # noqa: B018 -- built before the clock starts: the cached path
+                cached[name].append(time_users(model, encoder, [example], args, device))
+                encoder._trie = None
+                rebuilt[name].append(time_users(model, encoder, [example], args, device))
+    for name in models:
+        results["variants"][name]["single_user_ms"] = 1e3 * statistics.median(cached[name])
+        results["variants"][name]["single_user_ms_trie_per_request"] = 1e3 * statistics.median(rebuilt[name])
+    print({n: round(results["variants"][n]["single_user_ms"], 2) for n in models}, flush=True)
 
 
 def median_time(fn, device: str, warmup: int, repeat: int) -> float:
@@ -290,6 +311,9 @@ def main(argv=None) -> dict[str, Any]:
         results["variants"][label]["same_ranked_list_as_default"] = sum(same) / len(same)
     write_json(args.out, results)
     print({n: round(results["variants"][n]["users_per_s"], 2) for n in per}, flush=True)
+    if args.single_user:
+        single_user_latency(models, encoder, users[: args.single_user], args, device, results)
+        write_json(args.out, results)
 
     for batch in [int(b) for b in args.batches.split(",") if b]:
         for name, model in models.items():
@@ -321,6 +345,8 @@ def main(argv=None) -> dict[str, Any]:
         for key in ("users_per_s",):
             if key in base and key in r:
                 row["speedup_users_per_s"] = r[key] / base[key]
+        if "single_user_ms" in base and "single_user_ms" in r:
+            row["speedup_single_user"] = base["single_user_ms"] / r["single_user_ms"]
         for b in [b for b in args.batches.split(",") if b]:
             for key in (f"prefill_ms_b{b}", f"decode_ms_per_token_b{b}"):
                 if key in base and key in r:
@@ -328,6 +354,8 @@ def main(argv=None) -> dict[str, Any]:
         rows.append(row)
     results["table"] = rows
     cols = ["variant", "weights_mib", "peak_rss_mib", "users_per_s", "speedup_users_per_s"]
+    if args.single_user:
+        cols += ["single_user_ms", "single_user_ms_trie_per_request", "speedup_single_user"]
     for b in [b for b in args.batches.split(",") if b]:
         cols += [f"prefill_ms_b{b}", f"decode_ms_per_token_b{b}", f"speedup_decode_ms_per_token_b{b}"]
     table = markdown_table(rows, cols)

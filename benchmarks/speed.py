@@ -9,7 +9,9 @@ values), and its low-rank twin with exactly the ranks OD-LLM allocates at ``--ra
   the static-cache + ``torch.compile`` path that captures CUDA graphs), at batch 1 and 32;
 * every timing for the variants of ``--variants``: ``dense``; ``lowrank`` (two GEMMs per projection,
   cuBLAS); ``fused`` (:func:`optimum_odllm.fused.fuse_shared_inputs`: one ``down`` GEMM for q/k/v and
-  gate/up, cuBLAS); ``kernels`` (fused, plus the Triton kernels of :mod:`optimum_odllm.kernels` at
+  gate/up, and one batched ``up`` product for each run of equal-shaped siblings, cuBLAS); ``fused_down``
+  (the shared ``down`` GEMM only, one ``up`` GEMM per projection: the fusion before 2026-12-03);
+  ``kernels`` (fused, plus the Triton kernels of :mod:`optimum_odllm.kernels` at
   small token counts: CUDA only, and only timed on the compiled decode path, the one place they run);
   ``int8`` / ``int4`` (the low-rank factors as integer codes: OD-LLM + ``factor_bits``, aten kernels) and
   ``dense_int4`` / ``dense_int8`` (the dense weights as integer codes with the same kernels: the GPTQ W4/W8 stand-in);
@@ -32,6 +34,7 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import statistics
 import time
 from typing import Any
 
@@ -69,6 +72,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--profile-compiled", action="store_true",
                    help="after each compiled decode timing, profile one more (already compiled) generate call (CUDA)")
     p.add_argument("--repeat", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=0,
+                   help="decode: time the variants round-robin for this many rounds (order reversed every other "
+                        "round) and report medians, instead of one variant after the other (the first-timed variant "
+                        "measured up to 2x slower on the H200); 0 keeps the sequential timing")
     p.add_argument("--variants", default="dense,lowrank,fused,kernels",
                    help="dense first; kernels is CUDA only; also int8, int4, dense_int8, dense_int4 (+ '_aten': never the "
                         "Triton kernel on CUDA)")
@@ -125,6 +132,36 @@ def decode_latency(
     t_n = median_time(lambda: run(tokens), warmup=1, repeat=reps)
     t_1 = median_time(lambda: run(1), warmup=1, repeat=reps)
     return (t_n - t_1) / (tokens - 1), first
+
+
+def interleaved_decode(variants: list, batch: int, args: argparse.Namespace, device: str, compiled: bool) -> dict:
+    """Per-token decode time of every variant, round-robin: ``--rounds`` rounds, each timing one ``tokens``-token and
+    one 1-token ``generate`` per variant, every other round in reverse order; medians over rounds (all in the row).
+
+    Compiled variants stay compiled side by side (one dynamo cache entry per model and shape), so nothing is reset.
+    """
+    ids = torch.randint(3, args.vocab, (batch, args.decode_prompt), device=device)
+    kwargs: dict[str, Any] = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+    kwargs.update(cache_implementation="static") if compiled else kwargs.update(disable_compile=True)
+    timed = [(label, model, on) for label, model, on in variants if compiled or label != "kernels"]
+    row: dict[str, Any] = {"batch": batch, "mode": ("static+compile" if compiled else "eager") + ", interleaved"}
+    per: dict[str, list[float]] = {label: [] for label, _, _ in timed}
+
+    def run(model, n: int) -> float:
+        return median_time(lambda: model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kwargs), warmup=0, repeat=1)
+
+    for label, model, on in timed:  # first calls (compile + CUDA-graph recording), then one warm call
+        with kernels_enabled(on):
+            row[f"{label}_first_call_s"] = run(model, args.decode_tokens)
+            run(model, 1)
+    for r in range(args.rounds):
+        for label, model, on in (timed if r % 2 == 0 else timed[::-1]):
+            with kernels_enabled(on):
+                per[label].append((run(model, args.decode_tokens) - run(model, 1)) / (args.decode_tokens - 1))
+    for label in per:
+        row[f"{label}_ms_per_token"] = 1e3 * statistics.median(per[label])
+        row[f"{label}_ms_per_token_rounds"] = [1e3 * t for t in per[label]]
+    return row
 
 
 @torch.no_grad()
@@ -198,6 +235,10 @@ def build_variants(args: argparse.Namespace, dense: torch.nn.Module) -> tuple[li
     fused = copy.deepcopy(lowrank)
     groups = fuse_shared_inputs(fused)
     table = {"dense": (dense, False), "lowrank": (lowrank, False), "fused": (fused, False), "kernels": (fused, True)}
+    if "fused_down" in wanted:  # the earlier fusion: shared down GEMM, one up GEMM per projection
+        fused_down = copy.deepcopy(lowrank)
+        fuse_shared_inputs(fused_down, batch_ups=False)
+        table["fused_down"] = (fused_down, False)
     for label in wanted:  # integer weights only where asked: each is a full copy of the model
         if label.removesuffix("_aten") in ("int8", "int4", "dense_int8", "dense_int4"):
             source = dense if label.startswith("dense_") else lowrank
@@ -208,7 +249,7 @@ def build_variants(args: argparse.Namespace, dense: torch.nn.Module) -> tuple[li
             table[label] = (model, True)  # kernels on: each factor's prefer_triton decides (off for "_aten")
     unknown = sorted(set(wanted) - set(table))
     if unknown:
-        raise SystemExit(f"error: unknown variants {unknown}; choose from dense, lowrank, fused, kernels, int8, int4, "
+        raise SystemExit(f"error: unknown variants {unknown}; choose from dense, lowrank, fused, fused_down, kernels, int8, int4, "
                          "dense_int8, dense_int4 (each integer variant also with the suffix _aten)")
     variants = [(label, *table[label]) for label in wanted]
     targets = sum(s.dense_params for s in decoder_linear_shapes(dense))
@@ -224,7 +265,7 @@ def build_variants(args: argparse.Namespace, dense: torch.nn.Module) -> tuple[li
 
 
 def add_speedups(row: dict[str, Any], labels: list[str], key: str) -> None:
-    for label in labels[1:]:
+    for label in [label for label in labels if label != "dense"]:  # dense need not be timed first
         if f"dense_{key}" in row and f"{label}_{key}" in row:
             row[f"speedup_{label}"] = row[f"dense_{key}"] / row[f"{label}_{key}"]
 
@@ -277,6 +318,21 @@ def main() -> None:
                 write_json(args.out, results)
 
     modes = ([] if args.no_eager_decode else [False]) + ([True] if device.startswith("cuda") and not args.no_compile else [])
+    if args.rounds:
+        for name in ("recompile_limit", "cache_size_limit"):  # every variant's graphs stay cached side by side
+            if hasattr(torch._dynamo.config, name):
+                setattr(torch._dynamo.config, name, 64)
+        for compiled in modes:
+            for batch in [int(b) for b in args.decode_batches.split(",") if b]:
+                try:
+                    row = interleaved_decode(variants, batch, args, device, compiled)
+                except Exception as err:  # report, don't hide
+                    row = {"batch": batch, "mode": "interleaved", "error": f"{type(err).__name__}: {str(err)[:300]}"}
+                add_speedups(row, labels, "ms_per_token")
+                results["decode"].append(row)
+                print("decode", {k: v for k, v in row.items() if not k.endswith("_rounds")}, flush=True)
+                write_json(args.out, results)
+        modes = []
     for compiled in modes:
         for batch in [int(b) for b in args.decode_batches.split(",") if b]:
             row = {"batch": batch, "mode": "static+compile" if compiled else "eager"}
@@ -305,7 +361,7 @@ def main() -> None:
                 print("decode", row)
                 write_json(args.out, results)
 
-    speedups = [f"speedup_{label}" for label in labels[1:]]
+    speedups = [f"speedup_{label}" for label in labels if label != "dense"]
     print()
     print(markdown_table(results["micro"], ["tokens", "dense_ms", "lowrank_ms", "speedup"]))
     print()

@@ -1,42 +1,106 @@
 """Inference-time fusion of low-rank factors that read the same input (q/k/v, gate/up).
 
-After OD-LLM, each projection is two GEMMs. Sibling projections fed the very same tensor can share
-one ``down`` GEMM over their stacked factors (``[r_q + r_k + r_v, in]``), and, on CUDA at small token
-counts, one grouped launch for their ``up`` factors: fewer, larger kernels, which is what small-batch
-decoding needs.
+After OD-LLM, each projection is two GEMMs. Sibling projections fed the very same tensor share one
+``down`` GEMM over their stacked factors (``[r_q + r_k + r_v, in]``). Inside ``torch.compile`` or a
+CUDA-graph capture, siblings whose ``up`` factors have one shape (q/k/v of a multi-head model, k/v under
+grouped-query attention, gate/up) also share one batched ``up`` product (``bmm``, or ``baddbmm`` with
+biases) over their stacked ``[n, out, r]`` weights, unless the Triton kernels of
+:mod:`optimum_odllm.kernels` take the step (CUDA, few tokens). Eagerly each ``up`` stays one GEMM: the
+view ops around a batched product cost the host more than the launch they save (measured, see
+:func:`_in_graph`).
 
 The model keeps its structure: every projection stays a :class:`LowRankLinear` with its own
-``down.weight`` parameter, now a *view* into the group's stacked weight (no second copy). State-dict
-keys, parameter counts, ``merge_lowrank``, ``load_state_dict`` (which writes through the views) and
-``save_pretrained`` therefore behave as before fusion; :func:`unfuse_shared_inputs` gives every
-factor its own storage back, bit for bit. The first sibling called with an input computes all
-siblings' outputs; each sibling then takes its own, and a sibling called with any other input
+``down.weight``/``up.weight``/``up.bias`` parameters, now *views* into the group's stacked tensors (no
+second copy). State-dict keys, parameter counts, ``merge_lowrank``, ``load_state_dict`` (which writes
+through the views) and ``save_pretrained`` therefore behave as before fusion; :func:`unfuse_shared_inputs`
+gives every factor its own storage back, bit for bit. The first sibling called with an input computes
+all siblings' outputs; each sibling then takes its own, and a sibling called with any other input
 recomputes, so results never depend on call order.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
 from .lowrank import LowRankLinear, _is_plain_linear, lowrank_outputs
 
 _GROUP_ATTR = "_odllm_group"
 
 
+@dataclass(frozen=True)
+class UpBatch:
+    """Consecutive members whose ``up`` factors share a shape: one batched product for all of them."""
+
+    members: range  # indices into the group's members
+    columns: tuple[int, int]  # their slice of the stacked down output
+    rank: int
+    weight_t: torch.Tensor | None  # [n, rank, out]: transposed view of the stacked up weights (None: one member)
+    bias: torch.Tensor | None  # [n, 1, out] stacked biases, or None
+
+
+def _batch_runs(members: list[LowRankLinear]) -> list[range]:
+    """Maximal runs of consecutive members with equal ``up`` shape and bias presence (call order kept)."""
+    def key(m: LowRankLinear) -> tuple:
+        return (tuple(m.up.weight.shape), m.up.bias is not None)
+
+    runs, start = [], 0
+    for i in range(1, len(members) + 1):
+        if i == len(members) or key(members[i]) != key(members[start]):
+            runs.append(range(start, i))
+            start = i
+    return runs
+
+
+def _alias_rows(params: list[nn.Parameter], stacked: torch.Tensor) -> list[nn.Parameter]:
+    """New parameters that are views ``stacked[i]`` (``requires_grad`` kept)."""
+    return [nn.Parameter(stacked[i], requires_grad=p.requires_grad) for i, p in enumerate(params)]
+
+
+def _in_graph(x: torch.Tensor) -> bool:
+    """Inside ``torch.compile`` or a CUDA-graph capture, where the batched ``up`` products pay.
+
+    H200, Llama-7B shape, compiled batch-1 decode timed round-robin (benchmarks/README.md 4f, 2026-12-03): 1.17x
+    dense with them, 1.10x with one ``up`` GEMM per projection (batch 32: 0.91x and 0.92x). Eager decoding is
+    bound by host time, which the view ops around ``bmm`` add to, and nothing showed them ahead there: a sequential
+    GPU run put them behind (0.63x vs 0.71x dense, within that run's order effect), on a CPU they tied.
+    """
+    return torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
 class SharedInputGroup:
     """Siblings whose ``down`` weights are row blocks of one stacked tensor (a plain object, not a module)."""
 
-    def __init__(self, members: list[LowRankLinear]):
+    def __init__(self, members: list[LowRankLinear], batch_ups: bool = True):
         self.members = list(members)
+        self.batch_ups = batch_ups
+        self._index = {id(m): i for i, m in enumerate(self.members)}
         self.weight = torch.empty(0)
+        self.batches: list[UpBatch] = []
+        self._pointers: list[int] = []
         self._input: torch.Tensor | None = None
         self._outputs: list[torch.Tensor] = []
         self._taken: list[bool] = []
         self.stack()
 
+    def _aliased_parameters(self) -> list[torch.Tensor]:
+        """Every parameter that must be a view of the stacks (read live, not through nn.Module.__getattr__)."""
+        params = [m._modules["down"]._parameters["weight"] for m in self.members]
+        for batch in self.batches:
+            if batch.weight_t is not None:
+                for i in batch.members:
+                    up = self.members[i]._modules["up"]._parameters
+                    params.append(up["weight"])
+                    if batch.bias is not None:
+                        params.append(up["bias"])
+        return params
+
     def stack(self) -> None:
-        """(Re)build the stacked weight from the members' current factors and alias each member to its rows."""
+        """(Re)build the stacked weights from the members' current factors and alias each member to its rows."""
         with torch.no_grad():
             weight = torch.cat([m.down.weight.detach() for m in self.members], dim=0)
         start = 0
@@ -45,30 +109,71 @@ class SharedInputGroup:
             member.down.weight = nn.Parameter(weight[start : start + member.rank], requires_grad=old.requires_grad)
             start += member.rank
         self.weight = weight
+        self.batches = []
+        column = 0
+        runs = _batch_runs(self.members) if self.batch_ups else [range(i, i + 1) for i in range(len(self.members))]
+        for run in runs:
+            group = [self.members[i] for i in run]
+            rank = group[0].rank
+            width = rank * len(group)
+            stacked_weight = stacked_bias = None
+            if len(group) > 1:
+                with torch.no_grad():
+                    stacked_weight = torch.stack([m.up.weight.detach() for m in group])
+                    if group[0].up.bias is not None:
+                        stacked_bias = torch.stack([m.up.bias.detach() for m in group])[:, None, :]
+                for m, p in zip(group, _alias_rows([m.up.weight for m in group], stacked_weight)):
+                    m.up.weight = p
+                if stacked_bias is not None:
+                    for m, p in zip(group, _alias_rows([m.up.bias for m in group], stacked_bias[:, 0])):
+                        m.up.bias = p
+            weight_t = None if stacked_weight is None else stacked_weight.transpose(1, 2)
+            self.batches.append(UpBatch(run, (column, column + width), rank, weight_t, stacked_bias))
+            column += width
+        self._pointers = [p.data_ptr() for p in self._aliased_parameters()]
         self._clear()
 
     def is_aliased(self) -> bool:
-        """False once something gave a member's factor new storage (``.to()``, ``deepcopy``, ``assign=True``)."""
-        base = self.weight.data_ptr()
-        row = self.weight.stride(0) * self.weight.element_size()
-        start = 0
-        for member in self.members:
-            w = member.down.weight
-            if w.device != self.weight.device or w.dtype != self.weight.dtype or w.data_ptr() != base + start * row:
-                return False
-            start += member.rank
-        return True
+        """False once something gave a member's factor new storage (``.to()``, ``deepcopy``, ``assign=True``).
+
+        The stacks are held here, so their memory cannot be reused while a member still views it: equal data
+        pointers mean the member still reads the stack (and ``.to()`` / ``deepcopy`` / ``assign=True`` always
+        allocate new storage)."""
+        return [p.data_ptr() for p in self._aliased_parameters()] == self._pointers
 
     def _clear(self) -> None:
         self._input, self._outputs, self._taken = None, [], []
 
+    def _batched_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """One ``down`` GEMM, then one ``F.linear`` per lone member and one ``bmm``/``baddbmm`` per batch."""
+        t = F.linear(x, self.weight)
+        outputs: list[torch.Tensor] = []
+        for batch in self.batches:
+            part = t[..., batch.columns[0] : batch.columns[1]]
+            if batch.weight_t is None:
+                up = self.members[batch.members[0]].up
+                outputs.append(F.linear(part, up.weight, up.bias))
+                continue
+            # [..., n * r] -> [n, tokens, r]: a strided view of the contiguous down output, read without a copy
+            per_member = part.view(-1, len(batch.members), batch.rank).transpose(0, 1)
+            if batch.bias is None:
+                y = torch.bmm(per_member, batch.weight_t)
+            else:
+                y = torch.baddbmm(batch.bias, per_member, batch.weight_t)
+            outputs.extend(out.view(*x.shape[:-1], out.shape[-1]) for out in y.unbind(0))
+        return outputs
+
     def __call__(self, member: LowRankLinear, x: torch.Tensor) -> torch.Tensor:
-        index = self.members.index(member)
+        index = self._index[id(member)]
         if self._input is not x or self._taken[index]:
             if not torch.compiler.is_compiling() and not self.is_aliased():
                 self.stack()
-            ups = [m.up.weight for m in self.members]
-            self._outputs = lowrank_outputs(x, self.weight, ups, [m.up.bias for m in self.members])
+            tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0
+            if self.batch_ups and not kernels.use_kernels(x, tokens) and _in_graph(x):
+                self._outputs = self._batched_outputs(x)
+            else:  # the Triton kernels at few tokens in graphs; eager: one up GEMM per member
+                ups = [m.up.weight for m in self.members]
+                self._outputs = lowrank_outputs(x, self.weight, ups, [m.up.bias for m in self.members])
             self._input = x
             self._taken = [False] * len(self.members)
         out = self._outputs[index]
@@ -101,7 +206,7 @@ def _sibling_groups(model: nn.Module, probe: torch.Tensor) -> list[list[str]]:
 
 def _fusable(members: list[LowRankLinear]) -> bool:
     """Plain factors on one device and dtype (peft adapters or offload hooks keep their own path)."""
-    weights = [m.down.weight for m in members]
+    weights = [p for m in members for p in (m.down.weight, m.up.weight, m.up.bias) if p is not None]
     return (
         all(_is_plain_linear(m.down) and _is_plain_linear(m.up) for m in members)
         and len({(w.device, w.dtype) for w in weights}) == 1
@@ -109,9 +214,11 @@ def _fusable(members: list[LowRankLinear]) -> bool:
     )
 
 
-def fuse_shared_inputs(model: nn.Module) -> int:
+def fuse_shared_inputs(model: nn.Module, batch_ups: bool = True) -> int:
     """Fuse the ``down`` factors of sibling low-rank modules in place; returns the number of groups fused.
 
+    With ``batch_ups`` (default) siblings' equal-shaped ``up`` factors also share one batched product;
+    ``batch_ups=False`` keeps one ``up`` GEMM per projection (the earlier fusion, for comparisons).
     Idempotent (an already fused model is unfused first). Finds siblings with one 2-token forward pass.
     """
     unfuse_shared_inputs(model)
@@ -122,7 +229,7 @@ def fuse_shared_inputs(model: nn.Module) -> int:
         members = [model.get_submodule(n) for n in names]
         if not _fusable(members):
             continue
-        group = SharedInputGroup(members)
+        group = SharedInputGroup(members, batch_ups)
         for member in members:
             member.__dict__[_GROUP_ATTR] = group
         fused += 1
@@ -137,8 +244,10 @@ def unfuse_shared_inputs(model: nn.Module) -> int:
     groups = {id(g): g for m in model.modules() if (g := m.__dict__.get(_GROUP_ATTR)) is not None}
     for group in groups.values():
         for member in group.members:
-            old = member.down.weight
-            member.down.weight = nn.Parameter(old.detach().clone(), requires_grad=old.requires_grad)
+            for factor, name in ((member.down, "weight"), (member.up, "weight"), (member.up, "bias")):
+                old = getattr(factor, name)
+                if old is not None:
+                    setattr(factor, name, nn.Parameter(old.detach().clone(), requires_grad=old.requires_grad))
             member.__dict__.pop(_GROUP_ATTR, None)
         group._clear()
     return len(groups)

@@ -261,6 +261,30 @@ def test_recsys_speed_search_switches_take_the_layouts_they_name(monkeypatch):
     assert searches["default"][0] == searches["repeated"][0] == searches["reorder"][0]
 
 
+def test_recsys_speed_single_user_times_the_cached_and_the_rebuilt_trie(monkeypatch):
+    """--single-user alternates one request with the encoder's trie already built and one that must build it."""
+    from types import SimpleNamespace
+
+    rs = pytest.importorskip("recsys_speed")
+
+    class Encoder:  # builds its trie on first use, like InstructionEncoder.trie
+        _trie = None
+
+        @property
+        def trie(self):
+            self._trie = self._trie or "built"
+            return self._trie
+
+    encoder = Encoder()
+    seen = []
+    monkeypatch.setattr(rs, "time_users", lambda model, enc, users, *a: seen.append(enc._trie) or 0.01 * len(seen))
+    results = {"variants": {"dense": {}, "odllm": {}}}
+    args = SimpleNamespace(rounds=2)
+    rs.single_user_latency({"dense": None, "odllm": None}, encoder, ["u1", "u2"], args, "cpu", results)
+    assert seen == ["built", None] * 8  # 2 rounds x 2 variants x 2 requests, cached then rebuilt
+    assert set(results["variants"]["odllm"]) == {"single_user_ms", "single_user_ms_trie_per_request"}
+
+
 def test_item_code_probe_against_hand_counts():
     import math
 
@@ -274,3 +298,34 @@ def test_item_code_probe_against_hand_counts():
     assert got["top1"] == 0.5
     expected = (math.log((3 + 0.1) / (4 + 0.2)) + math.log((1 + 0.1) / (4 + 0.2))) / 2
     assert got["loglik"] == pytest.approx(expected) and got["uniform_loglik"] == pytest.approx(-math.log(2))
+
+
+def test_speed_interleaved_decode_alternates_the_order_and_takes_medians(monkeypatch):
+    """--rounds: every variant once per round, every other round reversed, so no variant is always timed first."""
+    from types import SimpleNamespace
+
+    speed = pytest.importorskip("speed")
+    calls = []
+
+    class Model:
+        def __init__(self, label):
+            self.label = label
+
+        def generate(self, ids, max_new_tokens, **kwargs):
+            calls.append((self.label, max_new_tokens))
+            return ids
+
+    def fake_median_time(fn, warmup=0, repeat=1, cuda=None):
+        before = len(calls)
+        fn()
+        label, n = calls[before]
+        return {"dense": 0.002, "fused": 0.001}[label] * n + 0.05  # per-token cost + a fixed prefill
+
+    monkeypatch.setattr(speed, "median_time", fake_median_time)
+    args = SimpleNamespace(vocab=50, decode_prompt=4, decode_tokens=9, rounds=3)
+    variants = [("dense", Model("dense"), False), ("fused", Model("fused"), False), ("kernels", Model("k"), True)]
+    row = speed.interleaved_decode(variants, 1, args, "cpu", compiled=False)
+    timed = [label for label, n in calls if n == 9][2:]  # after the two first calls
+    assert timed == ["dense", "fused", "fused", "dense", "dense", "fused"]  # kernels: compiled only
+    assert row["dense_ms_per_token"] == pytest.approx(2.0) and row["fused_ms_per_token"] == pytest.approx(1.0)
+    assert len(row["fused_ms_per_token_rounds"]) == 3 and row["mode"] == "eager, interleaved"

@@ -10,7 +10,9 @@ from transformers import AutoModelForCausalLM
 
 from conftest import calibration_ids, tiny_model
 from optimum_odllm import ODLLMCompressor, ODLLMConfig
+from optimum_odllm import fused as fused_module
 from optimum_odllm.fused import fuse_at_load, fuse_shared_inputs, is_fused, unfuse_shared_inputs
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 @pytest.fixture(scope="module")
@@ -117,3 +119,86 @@ def test_training_a_fused_model_reaches_every_down_factor(compressed):
     for name, param in plain.named_parameters():
         if name in grads:
             torch.testing.assert_close(grads[name], param.grad, rtol=1e-5, atol=1e-6)
+
+
+class _CountProducts(TorchDispatchMode):
+    """Counts the matrix products (what eager decoding pays a kernel launch for) run under it."""
+
+    PRODUCTS = {"mm", "addmm", "bmm", "baddbmm"}
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func.overloadpacket.__name__ in self.PRODUCTS
+        return func(*args, **(kwargs or {}))
+
+
+def _products(call) -> int:
+    with torch.no_grad(), _CountProducts() as counter:
+        call()
+    return counter.count
+
+
+def test_equal_shaped_up_factors_share_one_batched_product(compressed, monkeypatch):
+    model = copy.deepcopy(compressed.model)
+    reference = copy.deepcopy(compressed.model)
+    fuse_shared_inputs(model)
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    # k/v (GQA: not q's shape) and gate/up: their up weights (and k/v's biases) are views of one stack
+    for first, second in ((attn.k_proj, attn.v_proj), (mlp.gate_proj, mlp.up_proj)):
+        assert first.up.weight.shape == second.up.weight.shape
+        stride = first.up.weight.numel() * first.up.weight.element_size()
+        assert second.up.weight.data_ptr() == first.up.weight.data_ptr() + stride
+    assert attn.v_proj.up.bias.data_ptr() == attn.k_proj.up.bias.data_ptr() + attn.k_proj.up.bias.numel() * 4
+    x = torch.randn(2, 3, attn.q_proj.in_features)
+    ref_attn = reference.model.layers[0].self_attn
+    qkv = lambda a: [a.q_proj(x), a.k_proj(x), a.v_proj(x)]  # noqa: E731
+    assert _products(lambda: qkv(ref_attn)) == 6  # unfused: two GEMMs each
+    assert _products(lambda: qkv(attn)) == 4  # eager: one shared down GEMM, one up GEMM each
+    monkeypatch.setattr(fused_module, "_in_graph", lambda x: True)  # as inside torch.compile / a CUDA graph
+    assert _products(lambda: qkv(attn)) == 3  # one down GEMM + q's up + one baddbmm for k/v
+    with torch.no_grad():
+        for got, want in zip(qkv(attn), qkv(ref_attn)):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_in_graphs_multi_head_qkv_take_fewer_products_than_the_dense_model(monkeypatch):
+    dense = tiny_model("llama", num_key_value_heads=4)  # q, k and v share one shape
+    model = copy.deepcopy(dense)
+    ODLLMCompressor(model, ODLLMConfig(ratio=0.5, rank_multiple=8)).compress(calibration_ids())
+    reference = copy.deepcopy(model)
+    assert fuse_shared_inputs(model) == 4
+    x = torch.randn(1, 1, 64)
+    layer, dense_layer = model.model.layers[1].self_attn, dense.model.layers[1].self_attn
+    assert _products(lambda: [dense_layer.q_proj(x), dense_layer.k_proj(x), dense_layer.v_proj(x)]) == 3
+    ids = calibration_ids(2, 7)
+    compiled = torch.compile(model, backend="eager", fullgraph=False)  # dynamo traces the group: _in_graph is True
+    torch.testing.assert_close(logits(compiled, ids), logits(reference, ids), rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(fused_module, "_in_graph", lambda x: True)
+    assert _products(lambda: [layer.q_proj(x), layer.k_proj(x), layer.v_proj(x)]) == 2  # one down, one bmm
+    torch.testing.assert_close(logits(model, ids), logits(reference, ids), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # decode with a cache: one token per step, the eager case the batching is for
+        ref_cache, cache = (reference(ids, use_cache=True).past_key_values,
+                             model(ids, use_cache=True).past_key_values)
+        step = ids[:, -1:]
+        torch.testing.assert_close(model(step, cache=cache).logits,
+                                   reference(step, cache=ref_cache).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_batched_ups_on_cuda_match_unfused_factors_in_bf16():
+    dense = tiny_model("llama", num_key_value_heads=4)
+    model = copy.deepcopy(dense)
+    ODLLMCompressor(model, ODLLMConfig(ratio=0.5, rank_multiple=8)).compress(calibration_ids(), device="cpu")
+    model = model.to("cuda", torch.bfloat16)
+    reference = copy.deepcopy(model)
+    assert fuse_shared_inputs(model) == 4
+    ids = calibration_ids(2, 9).cuda()
+    got, want = logits(model, ids).float(), logits(reference, ids).float()
+    # cuBLAS may pick other kernels for bmm than for single GEMMs: equal up to bf16 rounding of the logits
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
+    compiled = torch.compile(model)  # inductor on CUDA: the batched up products (and Triton kernels at 1 token)
+    torch.testing.assert_close(logits(compiled, ids).float(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())

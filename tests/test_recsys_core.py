@@ -251,6 +251,33 @@ def test_trie_allowed_tokens():
     assert trie.allowed((6, 7)).tolist() == [1]
     assert trie.allowed((7,)).numel() == 0
     assert trie.item((5, 8, 9)) == 1 and trie.item((5, 7, 1)) is None
+    assert trie.allowed((5,), {(5,): frozenset({7})}).tolist() == [8]  # blocked children removed
+
+
+def test_recommend_builds_the_item_trie_once_per_encoder(monkeypatch):
+    from optimum_odllm.recsys import PACKED_SEQREC_TEMPLATE, recommend
+    from optimum_odllm.recsys import trie as trie_module
+    from optimum_odllm.recsys.data import Example
+
+    index = ItemIndex(codes=[(a, b, c) for a in range(3) for b in range(2) for c in range(2)][:10])
+    texts = [f"item number {k}" for k in range(10)]
+    tok = build_offline_tokenizer(texts, index)
+    model = build_offline_model(tok, hidden_size=32, num_layers=1, num_heads=2).eval()
+    enc = InstructionEncoder(tok, index, texts)
+    builds = []
+    original = trie_module.PrefixTrie.__init__
+
+    def counting_init(self, sequences):
+        builds.append(len(sequences))
+        original(self, sequences)
+
+    monkeypatch.setattr(trie_module.PrefixTrie, "__init__", counting_init)
+    users = [Example("u1", (1, 2), 3), Example("u2", (4,), 5)]
+    first = recommend(model, enc, users, PACKED_SEQREC_TEMPLATE, num_beams=4, progress=False)
+    second = [recommend(model, enc, [u], PACKED_SEQREC_TEMPLATE, num_beams=4, progress=False)[0] for u in users]
+    assert builds == [10] and second == first  # one build serves every later request, same rankings
+    enc.item_ids = enc.item_ids[:6]  # a changed catalogue is noticed
+    assert enc.trie.sequences == [tuple(ids) for ids in enc.item_ids] and builds == [10, 6]
 
 
 class _TableLM(nn.Module):

@@ -52,7 +52,7 @@ def recommend(model, encoder: InstructionEncoder, examples: Sequence[Example], t
     inside the beam search. Order of the output matches ``examples``.
     """
     prompts = [encoder.prompt_ids(template, ex.history) for ex in examples]
-    ranked = _rank_batches(model, prompts, plan_batches(prompts, batch_size), PrefixTrie(encoder.item_ids),
+    ranked = _rank_batches(model, prompts, plan_batches(prompts, batch_size), encoder.trie,
                            num_beams, exclude, progress)
     return [ranked[k] for k in range(len(examples))]
 
@@ -70,7 +70,7 @@ def evaluate_per_user(model, encoder: InstructionEncoder, examples: Sequence[Exa
     exclude = history_exclusions(train, examples, exclude_history)
     prompts = [encoder.prompt_ids(template, ex.history) for ex in examples]
     batches = process_share(plan_batches(prompts, batch_size))
-    ranked = _rank_batches(model, prompts, batches, PrefixTrie(encoder.item_ids), num_beams, exclude,
+    ranked = _rank_batches(model, prompts, batches, encoder.trie, num_beams, exclude,
                            progress and is_main_process())
     positions = sorted(ranked)
     local = per_user_metrics([ranked[k] for k in positions], [examples[k].target for k in positions])

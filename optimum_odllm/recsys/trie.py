@@ -41,7 +41,9 @@ class PrefixTrie:
                 children.setdefault(seq[:depth], set()).add(seq[depth])
                 self._size[seq[: depth + 1]] += 1
         self._allowed_lists = {p: sorted(c) for p, c in children.items()}
-        self._allowed = {p: torch.tensor(c) for p, c in self._allowed_lists.items()}
+        # tensors only for the prefixes asked for (the beam search reads the lists): one tensor per prefix up
+        # front was about two thirds of the build time on ML-100K (36 -> 13 ms, 1,682 items)
+        self._allowed: dict[tuple[int, ...], torch.Tensor] = {}
         self._empty = torch.empty(0, dtype=torch.long)
 
     def allowed(self, prefix: Sequence[int],
@@ -51,7 +53,12 @@ class PrefixTrie:
         ``blocked`` (from :meth:`blocked_children`) removes tokens that lead only to excluded items.
         """
         prefix = tuple(prefix)
-        tokens = self._allowed.get(prefix, self._empty)
+        tokens = self._allowed.get(prefix)
+        if tokens is None:
+            listed = self._allowed_lists.get(prefix)
+            if listed is None:
+                return self._empty
+            tokens = self._allowed[prefix] = torch.tensor(listed, dtype=torch.long)
         if blocked and prefix in blocked:
             banned = blocked[prefix]
             tokens = torch.tensor([t for t in tokens.tolist() if t not in banned], dtype=torch.long)
@@ -286,8 +293,8 @@ def constrained_beam_search(model, prompts: torch.Tensor, trie: PrefixTrie, num_
         beam, token = flat // vocab, flat % vocab
         sequences = torch.cat([sequences.gather(1, beam.unsqueeze(-1).expand(-1, -1, step)), token.unsqueeze(-1)], -1)
         beams.keep(beam, step, last=step == trie.length - 1)
-    items = []
-    for b, row in enumerate(sequences.tolist()):
-        items.append([trie.item(seq) if scores[b, j] > float("-inf") else None for j, seq in enumerate(row)])
-        items[-1] = [-1 if i is None else i for i in items[-1]]
+    alive = (scores > float("-inf")).tolist()
+    leaves = trie.leaves  # sequences of Python ints already: no per-beam conversion (640 beams per batch)
+    items = [[leaves.get(tuple(seq), -1) if ok else -1 for seq, ok in zip(row, alive_row)]
+             for row, alive_row in zip(sequences.tolist(), alive)]
     return items, scores

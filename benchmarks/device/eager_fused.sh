@@ -1,0 +1,31 @@
+# Issue 11, eager path on the H200 (2026-12-03): shared-input fusion with batched `up` products (`fused`) against
+# the earlier fusion (`fused_down`: shared `down` GEMM, one `up` GEMM per projection), unfused factors and dense,
+# Llama-7B shape, bf16, ratio 0.5; then the GPU tests. Usage: bash benchmarks/device/eager_fused.sh [eager|compiled|final|interleaved]
+source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
+if [ "${1:-eager}" = eager ]; then
+  timeout 420 python benchmarks/speed.py --device cuda --layers 32 --variants dense,lowrank,fused,fused_down \
+      --micro-tokens "" --prefill 1x128,1x2048,32x128 --decode-batches 1,32 --decode-tokens 32 --repeat 6 \
+      --no-compile --out "$OUT/speed_gpu_h200_eager_fused.json" 2>&1 | grep -v Warning | tail -12
+  timeout 150 python -m pytest -q -m gpu tests/test_kernels.py tests/test_quantized_factors.py tests/test_fused.py \
+      2>&1 | tail -3 | tee "$OUT/gpu_tests_eager_fused.log"
+elif [ "$1" = final ]; then  # after batched ups became graph-only: fused timed FIRST (order check), then eager
+  timeout 380 python benchmarks/speed.py --device cuda --layers 32 --variants fused,dense,fused_down,kernels \
+      --micro-tokens "" --prefill "" --no-eager-decode --decode-batches 1,32 --decode-tokens 32 --repeat 6 \
+      --out "$OUT/speed_gpu_h200_compiled_final.json" 2>&1 | grep -v Warning | tail -6
+  timeout 110 python benchmarks/speed.py --device cuda --layers 32 --variants fused,dense --micro-tokens "" \
+      --prefill 1x128 --decode-batches 1,32 --decode-tokens 32 --repeat 6 --no-compile \
+      --out "$OUT/speed_gpu_h200_eager_final.json" 2>&1 | grep -v Warning | tail -9
+  timeout 80 python -m pytest -q -m gpu tests/test_fused.py 2>&1 | tail -2
+elif [ "$1" = interleaved ]; then  # the same comparisons timed round-robin (speed.py --rounds): no order effects
+  timeout 160 python benchmarks/speed.py --device cuda --layers 32 --variants dense,lowrank,fused --micro-tokens "" \
+      --prefill "" --decode-batches 1,32 --decode-tokens 32 --rounds 5 --no-compile \
+      --out "$OUT/speed_gpu_h200_eager_interleaved.json" 2>&1 | grep -v Warning | tail -5
+  timeout 400 python benchmarks/speed.py --device cuda --layers 32 --variants dense,fused,fused_down,kernels \
+      --micro-tokens "" --prefill "" --no-eager-decode --decode-batches 1,32 --decode-tokens 32 --rounds 5 \
+      --out "$OUT/speed_gpu_h200_compiled_interleaved.json" 2>&1 | grep -v Warning | tail -5
+else  # compiled decode (static cache + torch.compile): batched ups must also work inside the graphs
+  timeout 560 python benchmarks/speed.py --device cuda --layers 32 --variants dense,kernels,fused --micro-tokens "" \
+      --prefill "" --no-eager-decode --decode-batches 1,32 --decode-tokens 32 --repeat 6 \
+      --out "$OUT/speed_gpu_h200_compiled_fused.json" 2>&1 | grep -v Warning | tail -10
+fi
+echo "elapsed $(( $(date +%s) - T0 )) s"

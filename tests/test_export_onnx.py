@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import os
@@ -269,3 +270,27 @@ def test_export_refuses_a_bad_item_index_before_exporting(tmp_path, monkeypatch,
     with pytest.raises(ValueError, match="item_index.json|Item index file"):
         export_onnx(model_dir, out)
     assert not exported and (not out.exists() or not any(out.iterdir()))
+
+
+def test_a_fused_model_exports_with_batched_up_products_and_the_same_logits(tmp_path):
+    from optimum_odllm.fused import fuse_shared_inputs
+
+    model = tiny_model("llama", num_key_value_heads=4)  # q/k/v and gate/up: equal-shaped up factors
+    ODLLMCompressor(model, ODLLMConfig(ratio=0.5, rank_multiple=8)).compress(calibration_ids())
+    fused = copy.deepcopy(model)
+    assert fuse_shared_inputs(fused) == 4
+    export_onnx(fused, tmp_path / "fused")
+    export_onnx(model, tmp_path / "plain")
+    matmuls = {}
+    for name in ("fused", "plain"):
+        graph = onnx.load(str(next((tmp_path / name).glob("*.onnx"))))
+        matmuls[name] = sum(node.op_type in ("MatMul", "Gemm") for node in graph.graph.node)
+    # export traces the batched path: per layer q/k/v 2 products instead of 6, gate/up 2 instead of 4
+    assert matmuls["plain"] - matmuls["fused"] == 2 * (4 + 2)
+    prompts = calibration_ids(n=2, length=9, seed=5)
+    mask = torch.ones_like(prompts)
+    positions = mask.cumsum(-1) - 1
+    ort_model = OrtCausalLM(tmp_path / "fused")
+    expected = reference(model, prompts, mask, positions, *ort_model.layout.empty_past(2))
+    got = ort_model(input_ids=prompts, attention_mask=mask, position_ids=positions)
+    torch.testing.assert_close(got.logits, expected[0][:, -got.logits.shape[1]:], atol=1e-4, rtol=0)

@@ -78,7 +78,6 @@ class SharedInputGroup:
     def __init__(self, members: list[LowRankLinear], batch_ups: bool = True):
         self.members = list(members)
         self.batch_ups = batch_ups
-        self._index = {id(m): i for i, m in enumerate(self.members)}
         self.weight = torch.empty(0)
         self.batches: list[UpBatch] = []
         self._pointers: list[int] = []
@@ -164,7 +163,7 @@ class SharedInputGroup:
         return outputs
 
     def __call__(self, member: LowRankLinear, x: torch.Tensor) -> torch.Tensor:
-        index = self._index[id(member)]
+        index = self.members.index(member)  # identity (modules do not define ==); survives deepcopy, unlike id()
         if self._input is not x or self._taken[index]:
             if not torch.compiler.is_compiling() and not self.is_aliased():
                 self.stack()

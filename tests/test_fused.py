@@ -202,3 +202,13 @@ def test_batched_ups_on_cuda_match_unfused_factors_in_bf16():
     torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
     compiled = torch.compile(model)  # inductor on CUDA: the batched up products (and Triton kernels at 1 token)
     torch.testing.assert_close(logits(compiled, ids).float(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
+
+
+def test_a_copy_of_a_fused_model_runs_and_restacks_its_own_factors(compressed):
+    model = copy.deepcopy(compressed.model)
+    fuse_shared_inputs(model)
+    clone = copy.deepcopy(model)  # e.g. the exporters copy a model before casting it
+    ids = calibration_ids(2, 9)
+    torch.testing.assert_close(logits(clone, ids), logits(compressed.model, ids), rtol=1e-5, atol=1e-5)
+    attn, clone_attn = model.model.layers[0].self_attn, clone.model.layers[0].self_attn
+    assert clone_attn.k_proj.down.weight.data_ptr() != attn.k_proj.down.weight.data_ptr()  # no shared storage

@@ -55,6 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--decode-tokens", type=int, default=16)
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--fused", action="store_true",
+                   help="also OD-LLM after optimum_odllm.fused.fuse_shared_inputs (PyTorch, and its exported graphs)")
     p.add_argument("--out", default="benchmarks/results/export_runtimes_cpu.json")
     return p.parse_args(argv)
 
@@ -76,28 +78,44 @@ def compress(dense_dir: Path, out_dir: Path, args, encoder, split) -> Path:
     return out_dir
 
 
-def export(model_dir: Path, runtime: str, max_batch: int, max_seq_len: int) -> Path:
-    """Directory of ``model_dir`` exported for ``runtime`` (reused when present)."""
+def export(model_dir: Path, runtime: str, max_batch: int, max_seq_len: int, fused: bool = False) -> Path:
+    """Directory of ``model_dir`` exported for ``runtime`` (reused when present); ``fused``: the model is loaded and
+    passed through ``fuse_shared_inputs`` first, so the graph holds the shared ``down`` and batched ``up`` products."""
+    source: Any = model_dir
+    if fused:
+        from optimum_odllm.fused import fuse_shared_inputs
+
+        source = loader("pytorch", model_dir, torch.get_num_threads())()
+        fuse_shared_inputs(source)
+    tag = "-fused" if fused else ""
     if runtime == "onnxruntime":
         from optimum_odllm.exporters import export_onnx
 
-        out = model_dir.parent / f"{model_dir.name}-onnx"
+        out = model_dir.parent / f"{model_dir.name}{tag}-onnx"
         if not (out / "model.onnx").is_file():
-            export_onnx(model_dir, out)
+            export_onnx(source, out)
         return out
     from optimum_odllm.exporters.executorch import export_executorch
 
-    out = model_dir.parent / f"{model_dir.name}-executorch-b{max_batch}-s{max_seq_len}"
+    out = model_dir.parent / f"{model_dir.name}{tag}-executorch-b{max_batch}-s{max_seq_len}"
     if not (out / "model.pte").is_file():
-        export_executorch(model_dir, out, max_batch=max_batch, max_seq_len=max_seq_len)
+        export_executorch(source, out, max_batch=max_batch, max_seq_len=max_seq_len)
     return out
 
 
-def loader(runtime: str, directory: Path, threads: int) -> Callable[[], Any]:
+def loader(runtime: str, directory: Path, threads: int, fused: bool = False) -> Callable[[], Any]:
     if runtime == "pytorch":  # the model only, as the runtimes below (no tokenizer or item index)
         from transformers import AutoModelForCausalLM
 
-        return lambda: AutoModelForCausalLM.from_pretrained(str(directory)).eval()
+        from optimum_odllm.fused import fuse_shared_inputs
+
+        def load() -> Any:
+            model = AutoModelForCausalLM.from_pretrained(str(directory)).eval()
+            if fused:
+                fuse_shared_inputs(model)
+            return model
+
+        return load
     if runtime == "onnxruntime":
         from optimum_odllm.exporters import OrtCausalLM
 
@@ -164,6 +182,8 @@ def main(argv=None) -> dict[str, Any]:
     encoder = InstructionEncoder(tokenizer, index, data.item_text)
     work = Path(args.work_dir)
     models = {"dense": dense_dir, f"odllm-{args.ratio}": compress(dense_dir, work / f"odllm-{args.ratio}", args, encoder, split)}
+    if args.fused:
+        models[f"odllm-{args.ratio}-fused"] = models[f"odllm-{args.ratio}"]
 
     runtimes = [r for r in args.runtimes.split(",") if r]
     if "executorch" in runtimes and importlib.util.find_spec("executorch") is None:
@@ -178,9 +198,11 @@ def main(argv=None) -> dict[str, Any]:
 
     variants: dict[tuple[str, str], dict[str, Any]] = {}
     for name, directory in models.items():
+        fused = name.endswith("-fused")
         for runtime in runtimes:
-            where = directory if runtime == "pytorch" else export(directory, runtime, args.eval_batch * args.beams, max_seq_len)
-            load = loader(runtime, where, args.threads)
+            where = directory if runtime == "pytorch" else export(directory, runtime, args.eval_batch * args.beams,
+                                                                  max_seq_len, fused)
+            load = loader(runtime, where, args.threads, fused and runtime == "pytorch")
             variants[(name, runtime)] = {"dir": where, "load": load, "model": load()}
 
     rows, quality = [], []

@@ -30,6 +30,15 @@ from . import kernels
 from .lowrank import LowRankLinear, _is_plain_linear, lowrank_outputs
 
 _GROUP_ATTR = "_odllm_group"
+_HOOK_ATTR = "_odllm_group_load_hook"
+
+
+def _restack_after_load(module: nn.Module, incompatible_keys: object) -> None:
+    """``load_state_dict(..., assign=True)`` replaces the members' tensors: restack now, not at the next eager
+    call (a compiled call cannot check data pointers and would read the old stacks)."""
+    group = module.__dict__.get(_GROUP_ATTR)
+    if group is not None and group.plain() and not group.is_aliased():
+        group.stack()
 
 
 @dataclass(frozen=True)
@@ -65,7 +74,8 @@ def _in_graph(x: torch.Tensor) -> bool:
     """Inside ``torch.compile`` or a CUDA-graph capture, where the batched ``up`` products pay.
 
     H200, Llama-7B shape, compiled batch-1 decode timed round-robin (benchmarks/README.md 4f, 2026-12-03): 1.17x
-    dense with them, 1.10x with one ``up`` GEMM per projection (batch 32: 0.91x and 0.92x). Eager decoding is
+    dense with them, 1.10x with one ``up`` GEMM per projection (per round 0.99-1.19x apart: not resolved; batch 32:
+    0.91x and 0.92x); fewer, larger products is also what graphs exported from a fused model hold. Eager decoding is
     bound by host time, which the view ops around ``bmm`` add to, and nothing showed them ahead there: a sequential
     GPU run put them behind (0.63x vs 0.71x dense, within that run's order effect), on a CPU they tied.
     """
@@ -85,6 +95,18 @@ class SharedInputGroup:
         self._outputs: list[torch.Tensor] = []
         self._taken: list[bool] = []
         self.stack()
+
+    def plain(self) -> bool:
+        """Every member's factors are plain ``nn.Linear`` (no adapter or hook wrapped one since fusion)."""
+        return all(_is_plain_linear(m._modules["down"]) and _is_plain_linear(m._modules["up"]) for m in self.members)
+
+    def _matches_members(self) -> bool:
+        """The stacks have the members' dtype and device (``.to()``/``.half()``/``.cuda()`` change both at once).
+
+        The one staleness check that works inside ``torch.compile`` (data pointers do not); loading with
+        ``assign=True`` restacks through a load hook, so the stacks never hold other values than the members."""
+        first = self.members[0]._modules["down"]._parameters["weight"]
+        return self.weight.dtype == first.dtype and self.weight.device == first.device
 
     def _aliased_parameters(self) -> list[torch.Tensor]:
         """Every parameter that must be a view of the stacks (read live, not through nn.Module.__getattr__)."""
@@ -168,7 +190,9 @@ class SharedInputGroup:
             if not torch.compiler.is_compiling() and not self.is_aliased():
                 self.stack()
             tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0
-            if self.batch_ups and not kernels.use_kernels(x, tokens) and _in_graph(x):
+            if not self._matches_members():  # compiled before any eager call after .to(): the members' own factors
+                self._outputs = [F.linear(F.linear(x, m.down.weight), m.up.weight, m.up.bias) for m in self.members]
+            elif self.batch_ups and not kernels.use_kernels(x, tokens) and _in_graph(x):
                 self._outputs = self._batched_outputs(x)
             else:  # the Triton kernels at few tokens in graphs; eager: one up GEMM per member
                 ups = [m.up.weight for m in self.members]
@@ -231,6 +255,7 @@ def fuse_shared_inputs(model: nn.Module, batch_ups: bool = True) -> int:
         group = SharedInputGroup(members, batch_ups)
         for member in members:
             member.__dict__[_GROUP_ATTR] = group
+            member.__dict__[_HOOK_ATTR] = member.register_load_state_dict_post_hook(_restack_after_load)
         fused += 1
     return fused
 
@@ -244,10 +269,14 @@ def unfuse_shared_inputs(model: nn.Module) -> int:
     for group in groups.values():
         for member in group.members:
             for factor, name in ((member.down, "weight"), (member.up, "weight"), (member.up, "bias")):
+                factor = getattr(factor, "base_layer", factor)  # a peft-wrapped factor keeps its weight there
                 old = getattr(factor, name)
                 if old is not None:
                     setattr(factor, name, nn.Parameter(old.detach().clone(), requires_grad=old.requires_grad))
             member.__dict__.pop(_GROUP_ATTR, None)
+            hook = member.__dict__.pop(_HOOK_ATTR, None)
+            if hook is not None:
+                hook.remove()
         group._clear()
     return len(groups)
 

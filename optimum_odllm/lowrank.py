@@ -42,9 +42,10 @@ class LowRankLinear(nn.Module):
         if not (_is_plain_linear(down) and _is_plain_linear(up)):
             return up(down(x))  # adapters (peft) or hooks on a factor: keep module calls
         group = self.__dict__.get("_odllm_group")
-        # set by optimum_odllm.fused: siblings share one down GEMM over the stacked weight, which carries no
-        # gradient, so a training step (grad needed for `down`) takes the member's own factors instead
-        if group is not None and not (torch.is_grad_enabled() and down.weight.requires_grad):
+        # set by optimum_odllm.fused: siblings share GEMMs over stacked weights, which carry no gradient, so a
+        # training step (a gradient for any factor) takes the member's own factors instead, as does a group in
+        # which a sibling's factor is wrapped (adapters, hooks)
+        if group is not None and not (torch.is_grad_enabled() and _needs_grad(down, up)) and group.plain():
             return group(self, x)
         if not x.is_cuda:  # the Triton kernels are CUDA-only: two plain GEMMs, nothing to decide
             return F.linear(F.linear(x, down.weight), up.weight, up.bias)
@@ -87,6 +88,10 @@ class LowRankLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, bias={self.bias is not None}"
+
+
+def _needs_grad(down: nn.Linear, up: nn.Linear) -> bool:
+    return down.weight.requires_grad or up.weight.requires_grad or (up.bias is not None and up.bias.requires_grad)
 
 
 def _is_plain_linear(module: nn.Module) -> bool:

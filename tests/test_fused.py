@@ -210,5 +210,68 @@ def test_a_copy_of_a_fused_model_runs_and_restacks_its_own_factors(compressed):
     clone = copy.deepcopy(model)  # e.g. the exporters copy a model before casting it
     ids = calibration_ids(2, 9)
     torch.testing.assert_close(logits(clone, ids), logits(compressed.model, ids), rtol=1e-5, atol=1e-5)
-    attn, clone_attn = model.model.layers[0].self_attn, clone.model.layers[0].self_attn
-    assert clone_attn.k_proj.down.weight.data_ptr() != attn.k_proj.down.weight.data_ptr()  # no shared storage
+    group = clone.model.layers[0].self_attn.k_proj.__dict__["_odllm_group"]
+    assert group.is_aliased() and group is not model.model.layers[0].self_attn.k_proj.__dict__["_odllm_group"]
+
+
+def test_in_graphs_trainable_up_factors_still_get_their_gradients(compressed, monkeypatch):
+    # batched products read the stacks, which are no parameters: a step that trains any factor must not use them
+    fused, plain = copy.deepcopy(compressed.model), copy.deepcopy(compressed.model)
+    fuse_shared_inputs(fused)
+    monkeypatch.setattr(fused_module, "_in_graph", lambda x: True)
+    ids = torch.arange(3, 19)[None]
+    for model in (fused, plain):
+        for name, param in model.named_parameters():
+            param.requires_grad_(".up." in name)  # e.g. tuning up factors / biases only
+        model.train()
+        model(ids, labels=ids).loss.backward()
+    grads = {n: p.grad for n, p in fused.named_parameters() if ".up." in n}
+    assert grads and all(g is not None for g in grads.values())
+    for name, param in plain.named_parameters():
+        if name in grads:
+            torch.testing.assert_close(grads[name], param.grad, rtol=1e-5, atol=1e-6)
+
+
+class _Wrapper(torch.nn.Module):
+    """Stands in for a peft adapter layer: the original factor lives on as ``base_layer``."""
+
+    def __init__(self, base_layer):
+        super().__init__()
+        self.base_layer = base_layer
+
+    def forward(self, x):
+        return self.base_layer(x) + 1.0
+
+
+def test_a_wrapped_factor_takes_the_group_out_of_use_and_unfuses(compressed):
+    model = copy.deepcopy(compressed.model)
+    reference = copy.deepcopy(compressed.model)
+    fuse_shared_inputs(model)
+    for m in (model, reference):
+        attn = m.model.layers[0].self_attn
+        attn.v_proj.up = _Wrapper(attn.v_proj.up)  # wrapped after fusion, on one sibling only
+    x = torch.randn(2, 3, 64)
+    attn, ref_attn = model.model.layers[0].self_attn, reference.model.layers[0].self_attn
+    with torch.no_grad():
+        for name in ("q_proj", "k_proj", "v_proj"):
+            torch.testing.assert_close(getattr(attn, name)(x), getattr(ref_attn, name)(x))
+    assert unfuse_shared_inputs(model) == 4 and not is_fused(model)
+    state, ref_state = model.state_dict(), reference.state_dict()
+    assert state.keys() == ref_state.keys() and all(torch.equal(state[k], ref_state[k]) for k in state)
+
+
+def test_compiled_calls_after_reloading_or_casting_read_the_new_factors(compressed):
+    model = copy.deepcopy(compressed.model)
+    fuse_shared_inputs(model)
+    new = {k: v + 0.01 * torch.randn_like(v) for k, v in compressed.model.state_dict().items()}
+    reference = copy.deepcopy(compressed.model)
+    reference.load_state_dict(new)
+    model.load_state_dict(new, assign=True)  # new storage, and no eager call before the compiled one
+    ids = calibration_ids(2, 9)
+    torch._dynamo.reset()
+    torch.testing.assert_close(logits(torch.compile(model, backend="eager"), ids), logits(reference, ids),
+                               rtol=1e-5, atol=1e-5)
+    model.double()
+    torch._dynamo.reset()
+    torch.testing.assert_close(logits(torch.compile(model, backend="eager"), ids), logits(reference.double(), ids),
+                               rtol=1e-9, atol=1e-9)

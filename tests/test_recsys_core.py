@@ -278,6 +278,8 @@ def test_recommend_builds_the_item_trie_once_per_encoder(monkeypatch):
     assert builds == [10] and second == first  # one build serves every later request, same rankings
     enc.item_ids = enc.item_ids[:6]  # a changed catalogue is noticed
     assert enc.trie.sequences == [tuple(ids) for ids in enc.item_ids] and builds == [10, 6]
+    enc.item_ids[0] = enc.item_ids[0][::-1]  # and so is an item's code edited in place
+    assert enc.trie.sequences[0] == tuple(enc.item_ids[0]) and builds == [10, 6, 6]
 
 
 class _TableLM(nn.Module):

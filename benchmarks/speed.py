@@ -234,7 +234,9 @@ def build_variants(args: argparse.Namespace, dense: torch.nn.Module) -> tuple[li
     ranks = lowrank_like(lowrank, args.ratio, args.rank_multiple)
     fused = copy.deepcopy(lowrank)
     groups = fuse_shared_inputs(fused)
-    table = {"dense": (dense, False), "lowrank": (lowrank, False), "fused": (fused, False), "kernels": (fused, True)}
+    # kernels on/off changes what a compiled graph guards on: with both variants wanted, each gets its own model
+    kernel_model = copy.deepcopy(fused) if "fused" in wanted and "kernels" in wanted else fused
+    table = {"dense": (dense, False), "lowrank": (lowrank, False), "fused": (fused, False), "kernels": (kernel_model, True)}
     if "fused_down" in wanted:  # the earlier fusion: shared down GEMM, one up GEMM per projection
         fused_down = copy.deepcopy(lowrank)
         fuse_shared_inputs(fused_down, batch_ups=False)

@@ -81,12 +81,7 @@ def compress(dense_dir: Path, out_dir: Path, args, encoder, split) -> Path:
 def export(model_dir: Path, runtime: str, max_batch: int, max_seq_len: int, fused: bool = False) -> Path:
     """Directory of ``model_dir`` exported for ``runtime`` (reused when present); ``fused``: the model is loaded and
     passed through ``fuse_shared_inputs`` first, so the graph holds the shared ``down`` and batched ``up`` products."""
-    source: Any = model_dir
-    if fused:
-        from optimum_odllm.fused import fuse_shared_inputs
-
-        source = loader("pytorch", model_dir, torch.get_num_threads())()
-        fuse_shared_inputs(source)
+    source: Any = loader("pytorch", model_dir, torch.get_num_threads(), fused=True)() if fused else model_dir
     tag = "-fused" if fused else ""
     if runtime == "onnxruntime":
         from optimum_odllm.exporters import export_onnx

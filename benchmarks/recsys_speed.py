@@ -81,7 +81,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "tree attention (NAME+repeated-prompt)")
     p.add_argument("--single-user", type=int, default=0, metavar="N",
                    help="also time N requests of one user each (an on-device app's path): median ms per request with "
-                        "the item trie built once (single_user_ms) and rebuilt per request, as before 2026-12-03")
+                        "the item trie built once (single_user_ms) and rebuilt per request (the old per-call build, with "
+                        "today's lazier PrefixTrie)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="benchmarks/results/recsys_speed_cpu.json")
     return p.parse_args(argv)

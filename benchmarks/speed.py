@@ -77,7 +77,7 @@ def parse_args() -> argparse.Namespace:
                         "round) and report medians, instead of one variant after the other (the first-timed variant "
                         "measured up to 2x slower on the H200); 0 keeps the sequential timing")
     p.add_argument("--variants", default="dense,lowrank,fused,kernels",
-                   help="dense first; kernels is CUDA only; also int8, int4, dense_int8, dense_int4 (+ '_aten': never the "
+                   help="kernels is CUDA only; fused_down: shared down GEMM only; also int8, int4, dense_int8, dense_int4 (+ '_aten': never the "
                         "Triton kernel on CUDA)")
     p.add_argument("--out", default="benchmarks/results/speed.json")
     return p.parse_args()
@@ -109,6 +109,16 @@ def prefill(model: torch.nn.Module, batch: int, length: int, vocab: int, device:
 
 
 @torch.no_grad()
+def generate_kwargs(compiled: bool) -> dict[str, Any]:
+    """Greedy ``generate`` for exactly the asked tokens; static cache (compiled by transformers) or eager."""
+    kwargs: dict[str, Any] = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+    if compiled:
+        kwargs["cache_implementation"] = "static"
+    else:
+        kwargs["disable_compile"] = True
+    return kwargs
+
+
 def decode_latency(
     model: torch.nn.Module, batch: int, prompt: int, tokens: int, vocab: int, device: str, compiled: bool, repeat: int
 ) -> tuple[float, float]:
@@ -118,11 +128,7 @@ def decode_latency(
     for once per shape).
     """
     ids = torch.randint(3, vocab, (batch, prompt), device=device)
-    kwargs: dict[str, Any] = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
-    if compiled:
-        kwargs["cache_implementation"] = "static"
-    else:
-        kwargs["disable_compile"] = True
+    kwargs = generate_kwargs(compiled)
 
     def run(n: int):
         return model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kwargs)
@@ -141,8 +147,7 @@ def interleaved_decode(variants: list, batch: int, args: argparse.Namespace, dev
     Compiled variants stay compiled side by side (one dynamo cache entry per model and shape), so nothing is reset.
     """
     ids = torch.randint(3, args.vocab, (batch, args.decode_prompt), device=device)
-    kwargs: dict[str, Any] = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
-    kwargs.update(cache_implementation="static") if compiled else kwargs.update(disable_compile=True)
+    kwargs = generate_kwargs(compiled)
     timed = [(label, model, on) for label, model, on in variants if compiled or label != "kernels"]
     row: dict[str, Any] = {"batch": batch, "mode": ("static+compile" if compiled else "eager") + ", interleaved"}
     per: dict[str, list[float]] = {label: [] for label, _, _ in timed}

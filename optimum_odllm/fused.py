@@ -5,9 +5,9 @@ After OD-LLM, each projection is two GEMMs. Sibling projections fed the very sam
 CUDA-graph capture, siblings whose ``up`` factors have one shape (q/k/v of a multi-head model, k/v under
 grouped-query attention, gate/up) also share one batched ``up`` product (``bmm``, or ``baddbmm`` with
 biases) over their stacked ``[n, out, r]`` weights, unless the Triton kernels of
-:mod:`optimum_odllm.kernels` take the step (CUDA, few tokens). Eagerly each ``up`` stays one GEMM: the
-view ops around a batched product cost the host more than the launch they save (measured, see
-:func:`_in_graph`).
+:mod:`optimum_odllm.kernels` take the step (CUDA, few tokens). Eagerly each ``up`` stays one GEMM: eager
+decoding is bound by host time, which the view ops around a batched product add to, and no measurement
+showed it ahead there (see :func:`_in_graph`).
 
 The model keeps its structure: every projection stays a :class:`LowRankLinear` with its own
 ``down.weight``/``up.weight``/``up.bias`` parameters, now *views* into the group's stacked tensors (no
@@ -70,6 +70,11 @@ def _alias_rows(params: list[nn.Parameter], stacked: torch.Tensor) -> list[nn.Pa
     return [nn.Parameter(stacked[i], requires_grad=p.requires_grad) for i, p in enumerate(params)]
 
 
+def _all_plain(members: list[LowRankLinear]) -> bool:
+    """Every member's ``down`` and ``up`` are plain ``nn.Linear`` (no peft adapter, hook or offload wrapper)."""
+    return all(_is_plain_linear(m._modules["down"]) and _is_plain_linear(m._modules["up"]) for m in members)
+
+
 def _in_graph(x: torch.Tensor) -> bool:
     """Inside ``torch.compile`` or a CUDA-graph capture, where the batched ``up`` products pay.
 
@@ -98,7 +103,7 @@ class SharedInputGroup:
 
     def plain(self) -> bool:
         """Every member's factors are plain ``nn.Linear`` (no adapter or hook wrapped one since fusion)."""
-        return all(_is_plain_linear(m._modules["down"]) and _is_plain_linear(m._modules["up"]) for m in self.members)
+        return _all_plain(self.members)
 
     def _matches_members(self) -> bool:
         """The stacks have the members' dtype and device (``.to()``/``.half()``/``.cuda()`` change both at once).
@@ -231,7 +236,7 @@ def _fusable(members: list[LowRankLinear]) -> bool:
     """Plain factors on one device and dtype (peft adapters or offload hooks keep their own path)."""
     weights = [p for m in members for p in (m.down.weight, m.up.weight, m.up.bias) if p is not None]
     return (
-        all(_is_plain_linear(m.down) and _is_plain_linear(m.up) for m in members)
+        _all_plain(members)
         and len({(w.device, w.dtype) for w in weights}) == 1
         and weights[0].device.type != "meta"
     )

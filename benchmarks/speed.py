@@ -11,6 +11,7 @@ values), and its low-rank twin with exactly the ranks OD-LLM allocates at ``--ra
   cuBLAS); ``fused`` (:func:`optimum_odllm.fused.fuse_shared_inputs`: one ``down`` GEMM for q/k/v and
   gate/up, and one batched ``up`` product for each run of equal-shaped siblings, cuBLAS); ``fused_down``
   (the shared ``down`` GEMM only, one ``up`` GEMM per projection: the fusion before 2026-12-03);
+  ``fused_eager`` (fused with ``batch_ups="always"``: the batched ``up`` products in eager mode too);
   ``kernels`` (fused, plus the Triton kernels of :mod:`optimum_odllm.kernels` at
   small token counts: CUDA only, and only timed on the compiled decode path, the one place they run);
   ``int8`` / ``int4`` (the low-rank factors as integer codes: OD-LLM + ``factor_bits``, aten kernels) and
@@ -73,11 +74,11 @@ def parse_args() -> argparse.Namespace:
                    help="after each compiled decode timing, profile one more (already compiled) generate call (CUDA)")
     p.add_argument("--repeat", type=int, default=10)
     p.add_argument("--rounds", type=int, default=0,
-                   help="decode: time the variants round-robin for this many rounds (order reversed every other "
-                        "round) and report medians, instead of one variant after the other (the first-timed variant "
-                        "measured up to 2x slower on the H200); 0 keeps the sequential timing")
+                   help="prefill and decode: time the variants round-robin for this many rounds (order reversed "
+                        "every other round) and report medians, instead of one variant after the other (the "
+                        "first-timed variant measured up to 2x slower on the H200); 0 keeps the sequential timing")
     p.add_argument("--variants", default="dense,lowrank,fused,kernels",
-                   help="kernels is CUDA only; fused_down: shared down GEMM only; also int8, int4, dense_int8, dense_int4 (+ '_aten': never the "
+                   help="kernels is CUDA only; fused_down: shared down GEMM only; fused_eager: batched up products eagerly too; also int8, int4, dense_int8, dense_int4 (+ '_aten': never the "
                         "Triton kernel on CUDA)")
     p.add_argument("--out", default="benchmarks/results/speed.json")
     return p.parse_args()
@@ -140,6 +141,27 @@ def decode_latency(
     return (t_n - t_1) / (tokens - 1), first
 
 
+def round_robin(variants: list, rounds: int, timing) -> dict[str, list[float]]:
+    """``timing(model)`` seconds of every ``(label, model, kernels_on)``, ``rounds`` times, every other round reversed."""
+    per: dict[str, list[float]] = {label: [] for label, _, _ in variants}
+    for r in range(rounds):
+        for label, model, on in (variants if r % 2 == 0 else variants[::-1]):
+            with kernels_enabled(on):
+                per[label].append(timing(model))
+    return per
+
+
+def interleaved_prefill(variants: list, batch: int, length: int, args: argparse.Namespace, device: str) -> dict:
+    """Prefill milliseconds of every variant round-robin (``--rounds``; each timing a median of ``--repeat`` calls)."""
+    timed = [v for v in variants if v[0] != "kernels"]  # eager: the kernels apply only in graphs, so it is ``fused``
+    per = round_robin(timed, args.rounds, lambda model: prefill(model, batch, length, args.vocab, device, args.repeat))
+    row: dict[str, Any] = {"mode": "interleaved"}
+    for label, times in per.items():
+        row[f"{label}_ms"] = 1e3 * statistics.median(times)
+        row[f"{label}_ms_rounds"] = [1e3 * t for t in times]
+    return row
+
+
 def interleaved_decode(variants: list, batch: int, args: argparse.Namespace, device: str, compiled: bool) -> dict:
     """Per-token decode time of every variant, round-robin: ``--rounds`` rounds, each timing one ``tokens``-token and
     one 1-token ``generate`` per variant, every other round in reverse order; medians over rounds (all in the row).
@@ -150,7 +172,6 @@ def interleaved_decode(variants: list, batch: int, args: argparse.Namespace, dev
     kwargs = generate_kwargs(compiled)
     timed = [(label, model, on) for label, model, on in variants if compiled or label != "kernels"]
     row: dict[str, Any] = {"batch": batch, "mode": ("static+compile" if compiled else "eager") + ", interleaved"}
-    per: dict[str, list[float]] = {label: [] for label, _, _ in timed}
 
     def run(model, n: int) -> float:
         return median_time(lambda: model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kwargs), warmup=0, repeat=1)
@@ -159,10 +180,7 @@ def interleaved_decode(variants: list, batch: int, args: argparse.Namespace, dev
         with kernels_enabled(on):
             row[f"{label}_first_call_s"] = run(model, args.decode_tokens)
             run(model, 1)
-    for r in range(args.rounds):
-        for label, model, on in (timed if r % 2 == 0 else timed[::-1]):
-            with kernels_enabled(on):
-                per[label].append((run(model, args.decode_tokens) - run(model, 1)) / (args.decode_tokens - 1))
+    per = round_robin(timed, args.rounds, lambda model: (run(model, args.decode_tokens) - run(model, 1)) / (args.decode_tokens - 1))
     for label in per:
         row[f"{label}_ms_per_token"] = 1e3 * statistics.median(per[label])
         row[f"{label}_ms_per_token_rounds"] = [1e3 * t for t in per[label]]
@@ -242,10 +260,11 @@ def build_variants(args: argparse.Namespace, dense: torch.nn.Module) -> tuple[li
     # kernels on/off changes what a compiled graph guards on: with both variants wanted, each gets its own model
     kernel_model = copy.deepcopy(fused) if "fused" in wanted and "kernels" in wanted else fused
     table = {"dense": (dense, False), "lowrank": (lowrank, False), "fused": (fused, False), "kernels": (kernel_model, True)}
-    if "fused_down" in wanted:  # the earlier fusion: shared down GEMM, one up GEMM per projection
-        fused_down = copy.deepcopy(lowrank)
-        fuse_shared_inputs(fused_down, batch_ups=False)
-        table["fused_down"] = (fused_down, False)
+    for label, mode in (("fused_down", "never"), ("fused_eager", "always")):  # other placements of the up products
+        if label in wanted:
+            model = copy.deepcopy(lowrank)
+            fuse_shared_inputs(model, batch_ups=mode)
+            table[label] = (model, False)
     for label in wanted:  # integer weights only where asked: each is a full copy of the model
         if label.removesuffix("_aten") in ("int8", "int4", "dense_int8", "dense_int4"):
             source = dense if label.startswith("dense_") else lowrank
@@ -256,7 +275,7 @@ def build_variants(args: argparse.Namespace, dense: torch.nn.Module) -> tuple[li
             table[label] = (model, True)  # kernels on: each factor's prefer_triton decides (off for "_aten")
     unknown = sorted(set(wanted) - set(table))
     if unknown:
-        raise SystemExit(f"error: unknown variants {unknown}; choose from dense, lowrank, fused, fused_down, kernels, int8, int4, "
+        raise SystemExit(f"error: unknown variants {unknown}; choose from dense, lowrank, fused, fused_down, fused_eager, kernels, int8, int4, "
                          "dense_int8, dense_int4 (each integer variant also with the suffix _aten)")
     variants = [(label, *table[label]) for label in wanted]
     targets = sum(s.dense_params for s in decoder_linear_shapes(dense))
@@ -299,6 +318,13 @@ def main() -> None:
     for spec in [s for s in args.prefill.split(",") if s]:
         batch, length = (int(v) for v in spec.split("x"))
         row: dict[str, Any] = {"batch": batch, "length": length}
+        if args.rounds:
+            row.update(interleaved_prefill(variants, batch, length, args, device))
+            add_speedups(row, labels, "ms")
+            results["prefill"].append(row)
+            print("prefill", {k: v for k, v in row.items() if not k.endswith("_rounds")})
+            write_json(args.out, results)
+            continue
         for label, model, on in variants:
             if label == "kernels":
                 continue  # eager: the kernels apply only inside torch.compile / CUDA graphs, so this is ``fused``

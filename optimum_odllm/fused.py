@@ -5,9 +5,10 @@ After OD-LLM, each projection is two GEMMs. Sibling projections fed the very sam
 CUDA-graph capture, siblings whose ``up`` factors have one shape (q/k/v of a multi-head model, k/v under
 grouped-query attention, gate/up) also share one batched ``up`` product (``bmm``, or ``baddbmm`` with
 biases) over their stacked ``[n, out, r]`` weights, unless the Triton kernels of
-:mod:`optimum_odllm.kernels` take the step (CUDA, few tokens). Eagerly each ``up`` stays one GEMM: eager
-decoding is bound by host time, which the view ops around a batched product add to, and no measurement
-showed it ahead there (see :func:`_in_graph`).
+:mod:`optimum_odllm.kernels` take the step (CUDA, few tokens). Eagerly each ``up`` stays one GEMM by
+default (``batch_ups="graphs"``): eager decoding is bound by host time, which the view ops around a batched
+product add to, and it measured behind there (see :func:`_in_graph`); ``batch_ups="always"`` batches them
+eagerly too, ``"never"`` nowhere.
 
 The model keeps its structure: every projection stays a :class:`LowRankLinear` with its own
 ``down.weight``/``up.weight``/``up.bias`` parameters, now *views* into the group's stacked tensors (no
@@ -21,15 +22,18 @@ recomputes, so results never depend on call order.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
-from .lowrank import LowRankLinear, _is_plain_linear, lowrank_outputs
+from .lowrank import LowRankLinear, _is_plain_linear, lowrank_outputs, needs_grad
 
 _GROUP_ATTR = "_odllm_group"
+BatchUps = Literal["graphs", "always", "never"]
+BATCH_UPS: tuple[str, ...] = ("graphs", "always", "never")
 _HOOK_ATTR = "_odllm_group_load_hook"
 
 
@@ -50,6 +54,11 @@ class UpBatch:
     rank: int
     weight_t: torch.Tensor | None  # [n, rank, out]: transposed view of the stacked up weights (None: one member)
     bias: torch.Tensor | None  # [n, 1, out] stacked biases, or None
+
+
+def _check_batch_ups(batch_ups: object) -> None:
+    if batch_ups not in BATCH_UPS:
+        raise ValueError(f"batch_ups must be one of {BATCH_UPS}, got {batch_ups!r}")
 
 
 def _batch_runs(members: list[LowRankLinear]) -> list[range]:
@@ -78,11 +87,11 @@ def _all_plain(members: list[LowRankLinear]) -> bool:
 def _in_graph(x: torch.Tensor) -> bool:
     """Inside ``torch.compile`` or a CUDA-graph capture, where the batched ``up`` products pay.
 
-    H200, Llama-7B shape, compiled batch-1 decode timed round-robin (benchmarks/README.md 4f, 2026-12-03): 1.17x
-    dense with them, 1.10x with one ``up`` GEMM per projection (per round 0.99-1.19x apart: not resolved; batch 32:
-    0.91x and 0.92x); fewer, larger products is also what graphs exported from a fused model hold. Eager decoding is
-    bound by host time, which the view ops around ``bmm`` add to, and nothing showed them ahead there: a sequential
-    GPU run put them behind (0.63x vs 0.71x dense, within that run's order effect), on a CPU they tied.
+    H200, Llama-7B shape, compiled decode timed round-robin (benchmarks/README.md 4f/4g, 2026-12-03): batch 1 1.17x /
+    1.16x dense with them, 1.10x / 1.16x with one ``up`` GEMM per projection (not resolved); batch 32 1.21x vs 1.16x;
+    fewer, larger products is also what graphs exported from a fused model hold. Eager decoding is bound by host
+    time, which the view ops around ``bmm`` add to: round-robin on the H200 (``batch_ups="always"``) they were behind
+    at batch 1 (0.74x vs 0.81x dense) and tied at batch 32 (0.80x); on a CPU they tied.
     """
     return torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing())
 
@@ -90,7 +99,8 @@ def _in_graph(x: torch.Tensor) -> bool:
 class SharedInputGroup:
     """Siblings whose ``down`` weights are row blocks of one stacked tensor (a plain object, not a module)."""
 
-    def __init__(self, members: list[LowRankLinear], batch_ups: bool = True):
+    def __init__(self, members: list[LowRankLinear], batch_ups: BatchUps = "graphs"):
+        _check_batch_ups(batch_ups)
         self.members = list(members)
         self.batch_ups = batch_ups
         self.weight = torch.empty(0)
@@ -137,7 +147,7 @@ class SharedInputGroup:
         self.weight = weight
         self.batches = []
         column = 0
-        runs = _batch_runs(self.members) if self.batch_ups else [range(i, i + 1) for i in range(len(self.members))]
+        runs = _batch_runs(self.members) if self.batch_ups != "never" else [range(i, i + 1) for i in range(len(self.members))]
         for run in runs:
             group = [self.members[i] for i in run]
             rank = group[0].rank
@@ -189,19 +199,22 @@ class SharedInputGroup:
             outputs.extend(out.view(*x.shape[:-1], out.shape[-1]) for out in y.unbind(0))
         return outputs
 
-    def __call__(self, member: LowRankLinear, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, member: LowRankLinear, x: torch.Tensor) -> torch.Tensor | None:
+        """``member``'s output, or None where the member must use its own factors.
+
+        The first sibling called with ``x`` runs the checks and computes every sibling's output; the others take
+        theirs (eager decoding pays for each Python step, so the checks run once per group and forward).
+        A member whose factors take a gradient steps aside (the stacks carry none), and so does the whole group
+        once any sibling's factor is wrapped (peft adapter, hook)."""
+        if torch.is_grad_enabled() and needs_grad(member):
+            return None
         index = self.members.index(member)  # identity (modules do not define ==); survives deepcopy, unlike id()
         if self._input is not x or self._taken[index]:
+            if not self.plain():
+                return None
             if not torch.compiler.is_compiling() and not self.is_aliased():
                 self.stack()
-            tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0
-            if not self._matches_members():  # compiled before any eager call after .to(): the members' own factors
-                self._outputs = [F.linear(F.linear(x, m.down.weight), m.up.weight, m.up.bias) for m in self.members]
-            elif self.batch_ups and not kernels.use_kernels(x, tokens) and _in_graph(x):
-                self._outputs = self._batched_outputs(x)
-            else:  # the Triton kernels at few tokens in graphs; eager: one up GEMM per member
-                ups = [m.up.weight for m in self.members]
-                self._outputs = lowrank_outputs(x, self.weight, ups, [m.up.bias for m in self.members])
+            self._outputs = self._compute(x)
             self._input = x
             self._taken = [False] * len(self.members)
         out = self._outputs[index]
@@ -209,6 +222,19 @@ class SharedInputGroup:
         if all(self._taken):
             self._clear()  # hold no activations between forward passes
         return out
+
+    def _compute(self, x: torch.Tensor) -> list[torch.Tensor]:
+        tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        if not self._matches_members():  # compiled before any eager call after .to(): the members' own factors
+            return [
+                F.linear(F.linear(x, m.down.weight), m.up.weight, m.up.bias) for m in self.members
+            ]
+        batched = self.batch_ups == "always" or (self.batch_ups == "graphs" and _in_graph(x))
+        if batched and not kernels.use_kernels(x, tokens):  # the kernels are used in graphs only
+            return self._batched_outputs(x)
+        # the Triton kernels at few tokens in graphs; eager: one up GEMM per member
+        ups = [m._modules["up"]._parameters for m in self.members]
+        return lowrank_outputs(x, self.weight, [u["weight"] for u in ups], [u["bias"] for u in ups])
 
 
 def _sibling_groups(model: nn.Module, probe: torch.Tensor) -> list[list[str]]:
@@ -242,13 +268,15 @@ def _fusable(members: list[LowRankLinear]) -> bool:
     )
 
 
-def fuse_shared_inputs(model: nn.Module, batch_ups: bool = True) -> int:
+def fuse_shared_inputs(model: nn.Module, batch_ups: BatchUps = "graphs") -> int:
     """Fuse the ``down`` factors of sibling low-rank modules in place; returns the number of groups fused.
 
-    With ``batch_ups`` (default) siblings' equal-shaped ``up`` factors also share one batched product;
-    ``batch_ups=False`` keeps one ``up`` GEMM per projection (the earlier fusion, for comparisons).
+    ``batch_ups``: where siblings' equal-shaped ``up`` factors share one batched product: ``"graphs"`` (default:
+    inside ``torch.compile``/CUDA-graph capture, unless the Triton kernels take the step), ``"always"`` (eager
+    too) or ``"never"`` (one ``up`` GEMM per projection, the earlier fusion, for comparisons).
     Idempotent (an already fused model is unfused first). Finds siblings with one 2-token forward pass.
     """
+    _check_batch_ups(batch_ups)
     unfuse_shared_inputs(model)
     device = next(model.parameters()).device
     probe = torch.ones((1, 2), dtype=torch.long, device=device)

@@ -38,15 +38,14 @@ class LowRankLinear(nn.Module):
         self.up = nn.Linear(rank, out_features, bias=bias, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        group = self.__dict__.get("_odllm_group")  # set by optimum_odllm.fused: siblings share their GEMMs
+        if group is not None:
+            out = group(self, x)  # None: the group steps aside (a gradient, a wrapped factor)
+            if out is not None:
+                return out
         down, up = self._modules["down"], self._modules["up"]  # not nn.Module.__getattr__: eager decode pays per call
         if not (_is_plain_linear(down) and _is_plain_linear(up)):
             return up(down(x))  # adapters (peft) or hooks on a factor: keep module calls
-        group = self.__dict__.get("_odllm_group")
-        # set by optimum_odllm.fused: siblings share GEMMs over stacked weights, which carry no gradient, so a
-        # training step (a gradient for any factor) takes the member's own factors instead, as does a group in
-        # which a sibling's factor is wrapped (adapters, hooks)
-        if group is not None and not (torch.is_grad_enabled() and _needs_grad(down, up)) and group.plain():
-            return group(self, x)
         if not x.is_cuda:  # the Triton kernels are CUDA-only: two plain GEMMs, nothing to decide
             return F.linear(F.linear(x, down.weight), up.weight, up.bias)
         return lowrank_outputs(x, down.weight, [up.weight], [up.bias])[0]
@@ -90,8 +89,10 @@ class LowRankLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, bias={self.bias is not None}"
 
 
-def _needs_grad(down: nn.Linear, up: nn.Linear) -> bool:
-    return down.weight.requires_grad or up.weight.requires_grad or (up.bias is not None and up.bias.requires_grad)
+def needs_grad(module: LowRankLinear) -> bool:
+    """Whether any factor of ``module`` takes a gradient (read through ``_modules``: called per forward)."""
+    down, up = module._modules["down"], module._modules["up"]
+    return any(p.requires_grad for p in (*down.parameters(), *up.parameters()))
 
 
 def _is_plain_linear(module: nn.Module) -> bool:

@@ -329,3 +329,23 @@ def test_speed_interleaved_decode_alternates_the_order_and_takes_medians(monkeyp
     assert timed == ["dense", "fused", "fused", "dense", "dense", "fused"]  # kernels: compiled only
     assert row["dense_ms_per_token"] == pytest.approx(2.0) and row["fused_ms_per_token"] == pytest.approx(1.0)
     assert len(row["fused_ms_per_token_rounds"]) == 3 and row["mode"] == "eager, interleaved"
+
+
+def test_speed_interleaved_prefill_alternates_the_order_and_takes_medians(monkeypatch):
+    """--rounds also times prefill round-robin (the kernels variant is not timed: eager, it equals fused)."""
+    from types import SimpleNamespace
+
+    speed = pytest.importorskip("speed")
+    order, costs = [], {"dense": [0.004, 0.009, 0.004], "lowrank": [0.002, 0.002, 0.007]}
+
+    def fake_prefill(model, batch, length, vocab, device, repeat):
+        order.append(model)
+        return costs[model][sum(1 for m in order if m == model) - 1]
+
+    monkeypatch.setattr(speed, "prefill", fake_prefill)
+    args = SimpleNamespace(vocab=50, rounds=3, repeat=2)
+    variants = [("dense", "dense", False), ("lowrank", "lowrank", False), ("kernels", "kernels", True)]
+    row = speed.interleaved_prefill(variants, 1, 8, args, "cpu")
+    assert order == ["dense", "lowrank", "lowrank", "dense", "dense", "lowrank"]
+    assert row["dense_ms"] == pytest.approx(4.0) and row["lowrank_ms"] == pytest.approx(2.0)  # medians, not means
+    assert row["lowrank_ms_rounds"] == pytest.approx([2.0, 2.0, 7.0]) and "kernels_ms" not in row

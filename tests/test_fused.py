@@ -187,6 +187,36 @@ def test_in_graphs_multi_head_qkv_take_fewer_products_than_the_dense_model(monke
                                    reference(step, cache=ref_cache).logits, rtol=1e-5, atol=1e-5)
 
 
+def test_batch_ups_always_batches_eagerly_and_never_does_not(compressed):
+    reference = compressed.model
+    ids = calibration_ids(2, 9)
+    for mode, products in (("always", 3), ("never", 4), ("graphs", 4)):  # eager q/k/v under GQA (k/v share a shape)
+        model = copy.deepcopy(reference)
+        fuse_shared_inputs(model, batch_ups=mode)
+        attn = model.model.layers[0].self_attn
+        x = torch.randn(1, 1, attn.q_proj.in_features)
+        assert _products(lambda: [attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)]) == products, mode
+        torch.testing.assert_close(logits(model, ids), logits(reference, ids), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="batch_ups must be one of"):
+        fuse_shared_inputs(copy.deepcopy(reference), batch_ups=True)
+
+
+def test_the_group_checks_its_members_once_per_forward(compressed, monkeypatch):
+    # eager decoding pays for every Python step: the siblings after the first take their output without checks
+    model = copy.deepcopy(compressed.model)
+    fuse_shared_inputs(model)
+    attn = model.model.layers[0].self_attn
+    group = attn.q_proj.__dict__["_odllm_group"]
+    calls = []
+    plain = group.plain
+    monkeypatch.setattr(group, "plain", lambda: calls.append(1) or plain())
+    x = torch.randn(1, 1, attn.q_proj.in_features)
+    with torch.no_grad():
+        attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+        attn.q_proj(x)  # a new forward with the same tensor: checked again
+    assert len(calls) == 2
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_batched_ups_on_cuda_match_unfused_factors_in_bf16():

@@ -1,6 +1,6 @@
 # Issue 11, eager path on the H200 (2026-12-03): shared-input fusion with batched `up` products (`fused`) against
 # the earlier fusion (`fused_down`: shared `down` GEMM, one `up` GEMM per projection), unfused factors and dense,
-# Llama-7B shape, bf16, ratio 0.5; then the GPU tests. Usage: bash benchmarks/device/eager_fused.sh [eager|compiled|final|interleaved]
+# Llama-7B shape, bf16, ratio 0.5; then the GPU tests. Usage: bash benchmarks/device/eager_fused.sh [eager|compiled|final|interleaved|lean]
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
 if [ "${1:-eager}" = eager ]; then
   timeout 420 python benchmarks/speed.py --device cuda --layers 32 --variants dense,lowrank,fused,fused_down \
@@ -23,6 +23,16 @@ elif [ "$1" = interleaved ]; then  # the same comparisons timed round-robin (spe
   timeout 400 python benchmarks/speed.py --device cuda --layers 32 --variants dense,fused,fused_down,kernels \
       --micro-tokens "" --prefill "" --no-eager-decode --decode-batches 1,32 --decode-tokens 32 --rounds 5 \
       --out "$OUT/speed_gpu_h200_compiled_interleaved.json" 2>&1 | grep -v Warning | tail -5
+elif [ "$1" = lean ]; then  # session 8: the group checks once per forward; fused_eager batches ups eagerly too;
+  # prefill also round-robin; then the GPU tests and compiled batch-32 decode with the Triton kernels at 32 tokens
+  timeout 260 python benchmarks/speed.py --device cuda --layers 32 --variants dense,lowrank,fused,fused_eager \
+      --micro-tokens "" --prefill 1x128,1x2048,32x128 --decode-batches 1,32 --decode-tokens 32 --rounds 5 --repeat 6 \
+      --no-compile --out "$OUT/speed_gpu_h200_eager_lean.json" 2>&1 | grep -v Warning | tail -12
+  timeout 110 python -m pytest -q -m gpu tests/test_kernels.py tests/test_quantized_factors.py tests/test_fused.py \
+      2>&1 | tail -3 | tee "$OUT/gpu_tests_lean.log"
+  ODLLM_KERNEL_MAX_TOKENS=32 timeout 190 python benchmarks/speed.py --device cuda --layers 32 --variants dense,kernels \
+      --micro-tokens "" --prefill "" --no-eager-decode --decode-batches 32 --decode-tokens 32 --rounds 4 \
+      --out "$OUT/speed_gpu_h200_kernels32_interleaved.json" 2>&1 | grep -v Warning | tail -5
 else  # compiled decode (static cache + torch.compile): batched ups must also work inside the graphs
   timeout 560 python benchmarks/speed.py --device cuda --layers 32 --variants dense,kernels,fused --micro-tokens "" \
       --prefill "" --no-eager-decode --decode-batches 1,32 --decode-tokens 32 --repeat 6 \

@@ -11,8 +11,9 @@ case): on the H200 (benchmarks/README.md, 2026-12-02) the kernels made compiled 
 Llama-7B shape 1.13x faster than dense where cuBLAS factors gave 0.85-0.91x, but compiled batch-32 decode
 (32 tokens) 0.70x where cuBLAS factors gave 0.99x, although each kernel alone beat cuBLAS at 32 tokens in
 ``benchmarks/kernels_roofline.py``. Those variants were timed one after the other, which biases by order
-(benchmarks/README.md 4f); round-robin, batch 1 gave 1.16x with the kernels and 1.17x with cuBLAS and batched
-``up`` products. 32 tokens with the kernels has not been timed round-robin, so the limit stays at 1 token.
+(benchmarks/README.md 4f). Round-robin (4g): batch 1 1.23x with the kernels vs 1.16x with cuBLAS and batched
+``up`` products (1.16x vs 1.17x in an earlier call); with the limit at 32 tokens, batch 8 1.28x vs 1.26x and
+batch 32 1.18x vs 1.20x: a tie, so the limit stays at 1 token.
 
 :func:`use_int_kernel` is the rule for integer factors (``optimum_odllm.quantization``): the
 ``int_weight_mm`` op for at most :data:`MAX_INT_KERNEL_TOKENS` tokens on CUDA (``ODLLM_INT_KERNEL_MAX_TOKENS``),

@@ -12,7 +12,8 @@ noisy neighbour on a shared machine hits all of them alike; the ratios come from
   and ``weights_mib`` (bytes of parameters + buffers), which is what differs between variants.
 
 Variants: ``dense`` (fp32), ``odllm`` (OD-LLM at ``--ratio``, fp32, compressed in this process with the
-same calibration as quality_vs_size.py), ``odllm-fused`` (shared down-projection GEMMs),
+same calibration as quality_vs_size.py), ``odllm-fused`` (shared down-projection GEMMs), ``odllm-fused-bmm``
+(the same with one batched product for equal-shaped ``up`` factors, eagerly too: ``batch_ups="always"``),
 ``gptq-w4`` (gptqmodel checkpoint, ``gptq_torch_aten`` int4 kernel, bf16 activations; needs the
 gptqmodel venv), ``sparsegpt-50`` (llmcompressor output, stored and run dense, fp32), and with
 ``--bf16`` also ``dense-bf16`` and ``odllm-bf16`` (same activation dtype as the GPTQ kernel).
@@ -99,14 +100,14 @@ def build_variant(name: str, args, dense, calibration, device: str, dtype: torch
 
     if name in ("dense", "dense-bf16"):
         return copy.deepcopy(dense).to(device=device, dtype=torch.bfloat16 if name.endswith("bf16") else dtype)
-    if name in ("odllm", "odllm-fused", "odllm-bf16"):
+    if name in ("odllm", "odllm-fused", "odllm-fused-bmm", "odllm-bf16"):
         model = copy.deepcopy(dense)
         cfg = ODLLMConfig(ratio=args.ratio, rank_multiple=args.rank_multiple, num_calibration_samples=args.calibration_samples,
                           min_calibration_tokens=16)
         ODLLMCompressor(model, cfg).compress(calibration, device="cpu")
         model = model.to(device=device, dtype=torch.bfloat16 if name.endswith("bf16") else dtype)
-        if name == "odllm-fused":
-            fuse_shared_inputs(model)
+        if name.startswith("odllm-fused"):
+            fuse_shared_inputs(model, batch_ups="always" if name.endswith("-bmm") else "graphs")
         return model.eval()
     if name == "gptq-w4":
         if device.startswith("cuda"):

@@ -32,9 +32,9 @@ from . import kernels
 from .lowrank import LowRankLinear, _is_plain_linear, lowrank_outputs, needs_grad
 
 _GROUP_ATTR = "_odllm_group"
-BatchUps = Literal["graphs", "always", "never"]
-BATCH_UPS: tuple[str, ...] = ("graphs", "always", "never")
 _HOOK_ATTR = "_odllm_group_load_hook"
+BatchUps = Literal["graphs", "always", "never"]  # where equal-shaped up factors share one batched product
+BATCH_UPS: tuple[str, ...] = ("graphs", "always", "never")
 
 
 def _restack_after_load(module: nn.Module, incompatible_keys: object) -> None:
@@ -226,9 +226,7 @@ class SharedInputGroup:
     def _compute(self, x: torch.Tensor) -> list[torch.Tensor]:
         tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0
         if not self._matches_members():  # compiled before any eager call after .to(): the members' own factors
-            return [
-                F.linear(F.linear(x, m.down.weight), m.up.weight, m.up.bias) for m in self.members
-            ]
+            return [F.linear(F.linear(x, m.down.weight), m.up.weight, m.up.bias) for m in self.members]
         batched = self.batch_ups == "always" or (self.batch_ups == "graphs" and _in_graph(x))
         if batched and not kernels.use_kernels(x, tokens):  # the kernels are used in graphs only
             return self._batched_outputs(x)

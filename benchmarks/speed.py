@@ -73,9 +73,6 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--profile-compiled", action="store_true",
                    help="after each compiled decode timing, profile one more (already compiled) generate call (CUDA)")
     p.add_argument("--repeat", type=int, default=10)
-    p.add_argument("--skip-module-guards", action="store_true",
-                   help="compiled decode (--rounds only) without dynamo's guards on nn.Module attributes (unsafe if the "
-                        "model changes; measures what the guards cost per step)")
     p.add_argument("--rounds", type=int, default=0,
                    help="prefill and decode: time the variants round-robin for this many rounds (order reversed "
                         "every other round) and report medians, instead of one variant after the other (the "
@@ -113,20 +110,11 @@ def prefill(model: torch.nn.Module, batch: int, length: int, vocab: int, device:
 
 
 @torch.no_grad()
-def generate_kwargs(compiled: bool, skip_module_guards: bool = False) -> dict[str, Any]:
-    """Greedy ``generate`` for exactly the asked tokens; static cache (compiled by transformers) or eager.
-
-    ``skip_module_guards``: compile with CUDA graphs and without dynamo's guards on ``nn.Module`` attributes
-    (``torch.compiler.skip_guard_on_all_nn_modules_unsafe``): less host work per step, but a changed module is
-    not noticed; what a deployment that never changes its model could use."""
+def generate_kwargs(compiled: bool) -> dict[str, Any]:
+    """Greedy ``generate`` for exactly the asked tokens; static cache (compiled by transformers) or eager."""
     kwargs: dict[str, Any] = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
     if compiled:
         kwargs["cache_implementation"] = "static"
-        if skip_module_guards:
-            from transformers import CompileConfig
-
-            kwargs["compile_config"] = CompileConfig(mode=None, options={  # torch.compile takes mode or options
-                "triton.cudagraphs": True, "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
     else:
         kwargs["disable_compile"] = True
     return kwargs
@@ -181,7 +169,7 @@ def interleaved_decode(variants: list, batch: int, args: argparse.Namespace, dev
     Compiled variants stay compiled side by side (one dynamo cache entry per model and shape), so nothing is reset.
     """
     ids = torch.randint(3, args.vocab, (batch, args.decode_prompt), device=device)
-    kwargs = generate_kwargs(compiled, args.skip_module_guards)
+    kwargs = generate_kwargs(compiled)
     timed = [(label, model, on) for label, model, on in variants if compiled or label != "kernels"]
     row: dict[str, Any] = {"batch": batch, "mode": ("static+compile" if compiled else "eager") + ", interleaved"}
 

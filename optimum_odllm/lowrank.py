@@ -19,6 +19,11 @@ from .targets import FACTORIZABLE, linear_shape, linear_weight
 class LowRankLinear(nn.Module):
     """Drop-in replacement of ``nn.Linear(in_features, out_features)`` by two rank-``rank`` factors."""
 
+    # set per instance by optimum_odllm.fused (siblings share their GEMMs). A class-level default, read as a plain
+    # attribute: dynamo then guards on it, so a fused model never reuses the graph compiled for an unfused one of
+    # the same architecture (with ``self.__dict__.get`` it did: the fused model silently ran unfused)
+    _odllm_group = None
+
     def __init__(
         self,
         in_features: int,
@@ -38,7 +43,7 @@ class LowRankLinear(nn.Module):
         self.up = nn.Linear(rank, out_features, bias=bias, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        group = self.__dict__.get("_odllm_group")  # set by optimum_odllm.fused: siblings share their GEMMs
+        group = self._odllm_group
         if group is not None:
             out = group(self, x)  # None: the group steps aside (a gradient, a wrapped factor)
             if out is not None:

@@ -322,7 +322,7 @@ def test_speed_interleaved_decode_alternates_the_order_and_takes_medians(monkeyp
         return {"dense": 0.002, "fused": 0.001}[label] * n + 0.05  # per-token cost + a fixed prefill
 
     monkeypatch.setattr(speed, "median_time", fake_median_time)
-    args = SimpleNamespace(vocab=50, decode_prompt=4, decode_tokens=9, rounds=3, skip_module_guards=False)
+    args = SimpleNamespace(vocab=50, decode_prompt=4, decode_tokens=9, rounds=3)
     variants = [("dense", Model("dense"), False), ("fused", Model("fused"), False), ("kernels", Model("k"), True)]
     row = speed.interleaved_decode(variants, 1, args, "cpu", compiled=False)
     timed = [label for label, n in calls if n == 9][2:]  # after the two first calls

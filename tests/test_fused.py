@@ -217,6 +217,26 @@ def test_the_group_checks_its_members_once_per_forward(compressed, monkeypatch):
     assert len(calls) == 2
 
 
+def test_a_fused_model_compiled_after_an_unfused_one_gets_its_own_graph(monkeypatch):
+    # dynamo shares compiled code between instances of one architecture; a guard must tell fused members from
+    # unfused ones, or the fused model silently runs the unfused graph (right values, no fusion)
+    unfused = tiny_model("llama", num_key_value_heads=4)
+    ODLLMCompressor(unfused, ODLLMConfig(ratio=0.5, rank_multiple=8, refine_steps=0)).compress(calibration_ids())
+    unfused.eval()
+    model = copy.deepcopy(unfused)
+    fuse_shared_inputs(model)
+    ids = calibration_ids(2, 5)
+    torch._dynamo.reset()
+    logits(torch.compile(unfused, backend="eager"), ids)
+    computed = []
+    compute = fused_module.SharedInputGroup._compute
+    monkeypatch.setattr(fused_module.SharedInputGroup, "_compute", lambda self, x: computed.append(1) or compute(self, x))
+    torch.testing.assert_close(logits(torch.compile(model, backend="eager"), ids), logits(unfused, ids),
+                               rtol=1e-5, atol=1e-5)
+    assert len(computed) == 4  # (q,k,v) and (gate,up) of 2 layers, traced into the fused model's graph
+    torch._dynamo.reset()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_batched_ups_on_cuda_match_unfused_factors_in_bf16():

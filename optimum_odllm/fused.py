@@ -91,7 +91,8 @@ def _in_graph(x: torch.Tensor) -> bool:
     1.16x dense with them, 1.10x / 1.16x with one ``up`` GEMM per projection (not resolved); batch 32 1.21x vs 1.16x;
     fewer, larger products is also what graphs exported from a fused model hold. Eager decoding is bound by host
     time, which the view ops around ``bmm`` add to: round-robin on the H200 (``batch_ups="always"``) they were behind
-    at batch 1 (0.74x vs 0.81x dense) and tied at batch 32 (0.80x); on a CPU they tied.
+    at batch 1 (0.74x vs 0.81x dense, rounds overlapping) and tied at batch 32 (0.80x); on a CPU the recommender's
+    users/s tied (1.27x vs 1.26x dense) while its decode and prefill steps were slower with them.
     """
     return torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing())
 
@@ -202,14 +203,17 @@ class SharedInputGroup:
     def __call__(self, member: LowRankLinear, x: torch.Tensor) -> torch.Tensor | None:
         """``member``'s output, or None where the member must use its own factors.
 
-        The first sibling called with ``x`` runs the checks and computes every sibling's output; the others take
-        theirs (eager decoding pays for each Python step, so the checks run once per group and forward).
+        The first sibling called with ``x`` checks every sibling and computes every sibling's output; the others
+        only check their own two factors before taking theirs (eager decoding pays for each Python step).
         A member whose factors take a gradient steps aside (the stacks carry none), and so does the whole group
         once any sibling's factor is wrapped (peft adapter, hook)."""
         if torch.is_grad_enabled() and needs_grad(member):
             return None
         index = self.members.index(member)  # identity (modules do not define ==); survives deepcopy, unlike id()
-        if self._input is not x or self._taken[index]:
+        if self._input is x and not self._taken[index]:
+            if not _all_plain([member]):  # wrapped since the group computed: its own factors, adapter or hook run
+                return None
+        else:
             if not self.plain():
                 return None
             if not torch.compiler.is_compiling() and not self.is_aliased():

@@ -217,6 +217,19 @@ def test_the_group_checks_its_members_once_per_forward(compressed, monkeypatch):
     assert len(calls) == 2
 
 
+def test_a_factor_wrapped_between_sibling_calls_is_not_skipped(compressed):
+    # the group computes every sibling's output at the first call; a hook put on a sibling's factor before that
+    # sibling is called must still run (review finding: the cached output was returned)
+    model = copy.deepcopy(compressed.model)
+    fuse_shared_inputs(model)
+    attn = model.model.layers[0].self_attn
+    x = torch.randn(1, 3, attn.q_proj.in_features)
+    with torch.no_grad():
+        attn.q_proj(x)  # computes and caches k's and v's outputs too
+        attn.k_proj.up.register_forward_hook(lambda module, args, out: out * 0)
+        assert torch.count_nonzero(attn.k_proj(x)) == 0
+
+
 def test_a_fused_model_compiled_after_an_unfused_one_gets_its_own_graph(monkeypatch):
     # dynamo shares compiled code between instances of one architecture; a guard must tell fused members from
     # unfused ones, or the fused model silently runs the unfused graph (right values, no fusion)

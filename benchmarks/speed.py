@@ -320,21 +320,17 @@ def main() -> None:
         row: dict[str, Any] = {"batch": batch, "length": length}
         if args.rounds:
             row.update(interleaved_prefill(variants, batch, length, args, device))
-            add_speedups(row, labels, "ms")
-            results["prefill"].append(row)
-            print("prefill", {k: v for k, v in row.items() if not k.endswith("_rounds")})
-            write_json(args.out, results)
-            continue
-        for label, model, on in variants:
-            if label == "kernels":
-                continue  # eager: the kernels apply only inside torch.compile / CUDA graphs, so this is ``fused``
-            peak_memory_reset(device)
-            with kernels_enabled(on):
-                row[f"{label}_ms"] = 1e3 * prefill(model, batch, length, args.vocab, device, args.repeat)
-            row[f"{label}_peak_gib"] = peak_memory(device)
+        else:
+            for label, model, on in variants:
+                if label == "kernels":
+                    continue  # eager: the kernels apply only inside torch.compile / CUDA graphs, so this is ``fused``
+                peak_memory_reset(device)
+                with kernels_enabled(on):
+                    row[f"{label}_ms"] = 1e3 * prefill(model, batch, length, args.vocab, device, args.repeat)
+                row[f"{label}_peak_gib"] = peak_memory(device)
         add_speedups(row, labels, "ms")
         results["prefill"].append(row)
-        print("prefill", row)
+        print("prefill", {k: v for k, v in row.items() if not k.endswith("_rounds")})
         write_json(args.out, results)
 
     if args.profile and device.startswith("cuda"):

@@ -22,7 +22,7 @@ recomputes, so results never depend on call order.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +34,7 @@ from .lowrank import LowRankLinear, _is_plain_linear, lowrank_outputs, needs_gra
 _GROUP_ATTR = "_odllm_group"
 _HOOK_ATTR = "_odllm_group_load_hook"
 BatchUps = Literal["graphs", "always", "never"]  # where equal-shaped up factors share one batched product
-BATCH_UPS: tuple[str, ...] = ("graphs", "always", "never")
+BATCH_UPS: tuple[str, ...] = get_args(BatchUps)
 
 
 def _restack_after_load(module: nn.Module, incompatible_keys: object) -> None:

@@ -18,7 +18,8 @@ values), and its low-rank twin with exactly the ranks OD-LLM allocates at ``--ra
   ``dense_int4`` / ``dense_int8`` (the dense weights as integer codes with the same kernels: the GPTQ W4/W8 stand-in);
   on CUDA the integer variants take the library's default kernels (Triton at few tokens for int8), ``<variant>_aten``
   never the Triton kernel (aten's tinygemm for int4, per-call dequantization + cuBLAS for int8);
-* peak memory of each model, and (``--profile-compiled``) the top GPU kernels of one compiled ``generate``.
+* peak memory of each model, and (``--profile-compiled``) the top GPU kernels of one compiled ``generate`` and its
+  host-side stages (guard check, compiled region, graph launch, waiting for the GPU, eager ops).
 
 Prints a markdown table and writes JSON. Example (GPU)::
 
@@ -37,6 +38,7 @@ import copy
 import gc
 import statistics
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -71,7 +73,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--no-eager-decode", action="store_true", help="only the compiled decode path (split long GPU runs)")
     p.add_argument("--profile", action="store_true", help="profile compiled generate's GPU kernels per variant (CUDA)")
     p.add_argument("--profile-compiled", action="store_true",
-                   help="after each compiled decode timing, profile one more (already compiled) generate call (CUDA)")
+                   help="after each compiled decode timing (after all rounds with --rounds), profile one more "
+                        "(already compiled) generate call: GPU kernels and host stages (CUDA)")
     p.add_argument("--repeat", type=int, default=10)
     p.add_argument("--rounds", type=int, default=0,
                    help="prefill and decode: time the variants round-robin for this many rounds (order reversed "
@@ -203,24 +206,78 @@ def profile_decode(
         model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, **kwargs)
         torch.cuda.synchronize()
     wall = time.perf_counter() - start
-    events = [e for e in prof.key_averages() if getattr(e, "device_time_total", 0) > 0 and e.device_type.name == "CUDA"]
+    averages = prof.key_averages()
+    events = [e for e in averages if getattr(e, "device_time_total", 0) > 0 and e.device_type.name == "CUDA"]
     events.sort(key=lambda e: e.device_time_total, reverse=True)
     gpu_us = sum(e.device_time_total for e in events)
     return {
         "batch": batch, "tokens": tokens, "wall_ms": 1e3 * wall, "gpu_kernel_ms": gpu_us / 1e3,
         "top": [{"name": e.key[:90], "calls": e.count, "ms": e.device_time_total / 1e3} for e in events[:top]],
+        "host": host_stages(averages),
     }
 
 
+# CPU-side stages of one compiled decode step, as the profiler names them: dynamo's guard check, the compiled
+# region (AOT wrappers + CUDA-graph replay), the graph launch itself, and the host waiting for the GPU.
+HOST_STAGES = ("TorchDynamo Cache Lookup", "Torch-Compiled Region", "Pregraph bytecode", "AOTDispatcher",
+               "CompiledFunction", "## Call CompiledFxGraph", "cudaGraphLaunch", "cudaStreamSynchronize",
+               "cudaMemcpyAsync", "aten::")
+
+
+def host_stages(averages) -> dict[str, dict[str, float]]:
+    """Host milliseconds (inclusive CPU time) and calls per profiler event family of ``HOST_STAGES``.
+
+    ``aten::`` sums the self time of eager ops outside the graphs (``generate``'s own per-step work)."""
+    stages: dict[str, dict[str, float]] = {}
+    for event in averages:
+        if event.device_type.name != "CPU":
+            continue
+        for stage in HOST_STAGES:
+            if event.key.startswith(stage):
+                entry = stages.setdefault(stage, {"ms": 0.0, "calls": 0})
+                entry["ms"] += (event.self_cpu_time_total if stage == "aten::" else event.cpu_time_total) / 1e3
+                entry["calls"] += event.count
+                break
+    return stages
+
+
+@torch.no_grad()
+def python_hotspots(model: torch.nn.Module, batch: int, prompt: int, tokens: int, vocab: int, device: str,
+                    top: int = 20) -> list[dict[str, Any]]:
+    """The Python functions with the most own time in one compiled ``generate`` (cProfile): which host code a
+    variant adds per step (dynamo's prologue, AOT wrappers, CUDA-graph tree bookkeeping, ``generate`` itself)."""
+    import cProfile
+    import pstats
+
+    ids = torch.randint(3, vocab, (batch, prompt), device=device)
+    kwargs: dict[str, Any] = dict(do_sample=False, pad_token_id=0, eos_token_id=None, cache_implementation="static")
+    profiler = cProfile.Profile()
+    profiler.enable()
+    model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, **kwargs)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    profiler.disable()
+    stats = pstats.Stats(profiler).stats  # {(file, line, name): (primitive calls, calls, own s, cumulative s, callers)}
+    rows = sorted(stats.items(), key=lambda item: item[1][2], reverse=True)[:top]
+    return [{"function": f"{Path(file).name}:{line}:{name}", "calls": calls, "own_ms": 1e3 * own, "cum_ms": 1e3 * cum}
+            for (file, line, name), (_, calls, own, cum, _) in rows]
+
+
 def profile_after_timing(results: dict[str, Any], model: torch.nn.Module, on: bool, label: str, batch: int, args: argparse.Namespace) -> None:
-    """Profile one more compiled ``generate`` (same shapes: no recompile) into ``results["profile"]``; never raises."""
+    """Profile one more compiled ``generate`` (same shapes: no recompile) into ``results["profile"]``, then the
+    Python hotspots of another; never raises."""
     try:
         with kernels_enabled(on):
             prof = profile_decode(model, batch, args.decode_prompt, args.decode_tokens, args.vocab, args.device, top=15, warm=0)
+            prof["python_top"] = python_hotspots(model, batch, args.decode_prompt, args.decode_tokens, args.vocab, args.device)
     except Exception as err:  # a profiler failure must not cost the timings
         prof = {"batch": batch, "error": f"{type(err).__name__}: {str(err)[:300]}"}
     results.setdefault("profile", []).append({"variant": label, **prof})
-    print("profile", label, batch, {k: v for k, v in prof.items() if k != "top"})
+    print("profile", label, batch, {k: v for k, v in prof.items() if k not in ("top", "host")})
+    for stage, entry in prof.get("host", {}).items():
+        print(f"   host {entry['ms']:9.3f} ms {entry['calls']:6d}x {stage}")
+    for item in prof.get("python_top", [])[:12]:
+        print(f"   python {item['own_ms']:9.3f} ms own {item['cum_ms']:9.3f} ms cum {item['calls']:6d}x {item['function']}")
     for item in prof.get("top", []):
         print(f"   {item['ms']:9.3f} ms {item['calls']:6d}x {item['name']}")
 
@@ -361,6 +418,10 @@ def main() -> None:
                 results["decode"].append(row)
                 print("decode", {k: v for k, v in row.items() if not k.endswith("_rounds")}, flush=True)
                 write_json(args.out, results)
+                if compiled and args.profile_compiled:  # still compiled from the rounds: no recompile
+                    for label, model, on in variants:
+                        profile_after_timing(results, model, on, label, batch, args)
+                        write_json(args.out, results)
         modes = []
     for compiled in modes:
         for batch in [int(b) for b in args.decode_batches.split(",") if b]:

@@ -349,3 +349,31 @@ def test_speed_interleaved_prefill_alternates_the_order_and_takes_medians(monkey
     assert order == ["dense", "lowrank", "lowrank", "dense", "dense", "lowrank"]
     assert row["dense_ms"] == pytest.approx(4.0) and row["lowrank_ms"] == pytest.approx(2.0)  # medians, not means
     assert row["lowrank_ms_rounds"] == pytest.approx([2.0, 2.0, 7.0]) and "kernels_ms" not in row
+
+
+def test_speed_host_stages_count_one_guard_check_and_one_compiled_region_per_call():
+    """The profile's host stages come from real profiler events: per compiled call one dynamo guard check
+    ("TorchDynamo Cache Lookup") and one compiled region, the latter including the former's caller's work."""
+    speed = pytest.importorskip("speed")
+    compiled = torch.compile(nn.Sequential(nn.Linear(8, 8), nn.ReLU()))
+    x = torch.randn(2, 8)
+    compiled(x)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(3):
+            compiled(x)
+        torch.relu(x)  # one eager op outside the graph
+    stages = speed.host_stages(prof.key_averages())
+    assert stages["TorchDynamo Cache Lookup"]["calls"] == 3
+    assert stages["Torch-Compiled Region"]["calls"] == 3
+    assert stages["Torch-Compiled Region"]["ms"] > 0 and stages["aten::"]["calls"] >= 1
+    assert "cudaGraphLaunch" not in stages  # CPU: no graphs
+
+
+def test_speed_python_hotspots_name_generate_and_the_model_forward():
+    """cProfile of one static-cache ``generate``: rows sorted by own time, the model's forward among them."""
+    speed = pytest.importorskip("speed")
+    rows = speed.python_hotspots(tiny_llama(), batch=1, prompt=4, tokens=3, vocab=64, device="cpu", top=400)
+    own = [row["own_ms"] for row in rows]
+    assert own == sorted(own, reverse=True) and all(row["cum_ms"] >= row["own_ms"] - 1e-6 for row in rows)
+    forwards = [row for row in rows if row["function"].endswith(":forward") and "modeling_llama" in row["function"]]
+    assert forwards and max(row["calls"] for row in forwards) >= 3  # at least one call per generated token

@@ -1,6 +1,6 @@
 # Issue 11, eager path on the H200 (2026-12-03): shared-input fusion with batched `up` products (`fused`) against
 # the earlier fusion (`fused_down`: shared `down` GEMM, one `up` GEMM per projection), unfused factors and dense,
-# Llama-7B shape, bf16, ratio 0.5; then the GPU tests. Usage: bash benchmarks/device/eager_fused.sh [eager|compiled|final|interleaved|lean|guards]
+# Llama-7B shape, bf16, ratio 0.5; then the GPU tests. Usage: bash benchmarks/device/eager_fused.sh [eager|compiled|final|interleaved|lean|guards|host|host32]
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
 if [ "${1:-eager}" = eager ]; then
   timeout 420 python benchmarks/speed.py --device cuda --layers 32 --variants dense,lowrank,fused,fused_down \
@@ -38,6 +38,18 @@ elif [ "$1" = guards ]; then  # compiled batch 1: fused vs unfused factors (run 
   timeout 260 python benchmarks/speed.py --device cuda --layers 32 --variants dense,lowrank,fused,kernels \
       --micro-tokens "" --prefill "" --no-eager-decode --decode-batches 1 --decode-tokens 32 --rounds 4 \
       --out "$OUT/speed_gpu_h200_compiled_unfused.json" 2>&1 | grep -v Warning | tail -3
+elif [ "$1" = host ]; then  # session 9: compiled decode at batch 1 round-robin with a profile per variant (GPU
+  # kernel time, host stages, Python hotspots), then the GPU tests (the two CPU-only fixes of session 8).
+  # A first version (06:29 UTC) ran the tests first with a 110 s limit (cut after 30 passed) and batches 1,32 (cut at 32)
+  timeout 330 python benchmarks/speed.py --device cuda --layers 32 --variants dense,lowrank,fused,kernels,int8 \
+      --micro-tokens "" --prefill "" --no-eager-decode --decode-batches 1 --decode-tokens 32 --rounds 3 \
+      --profile-compiled --out "$OUT/speed_gpu_h200_host2.json" 2>&1 | grep -v Warning | grep -E "^decode|python|host" | cut -c1-200
+  timeout 200 python -m pytest -q -m gpu tests/test_kernels.py tests/test_quantized_factors.py tests/test_fused.py \
+      2>&1 | tail -3 | tee "$OUT/gpu_tests_host.log"
+elif [ "$1" = host32 ]; then  # the same profile at batch 32 (integer factors left out for time)
+  timeout 360 python benchmarks/speed.py --device cuda --layers 32 --variants dense,lowrank,fused,kernels \
+      --micro-tokens "" --prefill "" --no-eager-decode --decode-batches 32 --decode-tokens 32 --rounds 3 \
+      --profile-compiled --out "$OUT/speed_gpu_h200_host32.json" 2>&1 | grep -v Warning | grep -E "^decode|host" | cut -c1-300
 else  # compiled decode (static cache + torch.compile): batched ups must also work inside the graphs
   timeout 560 python benchmarks/speed.py --device cuda --layers 32 --variants dense,kernels,fused --micro-tokens "" \
       --prefill "" --no-eager-decode --decode-batches 1,32 --decode-tokens 32 --repeat 6 \

@@ -14,8 +14,8 @@ Llama-7B shape 1.13x faster than dense where cuBLAS factors gave 0.85-0.91x, but
 (benchmarks/README.md 4f). Round-robin (4g): batch 1 1.23x with the kernels vs 1.16x with cuBLAS and batched
 ``up`` products (1.16x vs 1.17x in an earlier call); with the limit at 32 tokens, batch 8 1.28x vs 1.26x and
 batch 32 1.18x vs 1.20x: a tie, so the limit stays at 1 token. Two later calls on other machines (4h) had the
-kernels behind cuBLAS at batch 1 (0.99x vs 1.17x, 0.91x vs 1.06x dense): ahead once, behind twice over four
-calls. Time both on your machine; ``ODLLM_KERNEL_MAX_TOKENS=0`` turns the low-rank kernels off.
+kernels behind cuBLAS at batch 1 (0.99x vs 1.17x, 0.91x vs 1.06x dense): ahead once, tied once, behind twice
+over four calls. Time both on your machine; ``ODLLM_KERNEL_MAX_TOKENS=0`` turns the low-rank kernels off.
 
 :func:`use_int_kernel` is the rule for integer factors (``optimum_odllm.quantization``): the
 ``int_weight_mm`` op for at most :data:`MAX_INT_KERNEL_TOKENS` tokens on CUDA (``ODLLM_INT_KERNEL_MAX_TOKENS``),

@@ -14,7 +14,9 @@ noisy neighbour on a shared machine hits all of them alike; the ratios come from
 Variants: ``dense`` (fp32), ``odllm`` (OD-LLM at ``--ratio``, fp32, compressed in this process with the
 same calibration as quality_vs_size.py), ``odllm-fused`` (shared down-projection GEMMs), ``odllm-fused-bmm``
 (the same with one batched product for equal-shaped ``up`` factors, eagerly too: ``batch_ups="always"``),
-``gptq-w4`` (gptqmodel checkpoint, ``gptq_torch_aten`` int4 kernel, bf16 activations; needs the
+any of them with the suffix ``+compile`` (its forward compiled for the search, ``recsys.compile_for_search``;
+the first call compiles and is reported as ``first_call_s``; the ranked lists are compared with the eager
+variant's), ``gptq-w4`` (gptqmodel checkpoint, ``gptq_torch_aten`` int4 kernel, bf16 activations; needs the
 gptqmodel venv), ``sparsegpt-50`` (llmcompressor output, stored and run dense, fp32), and with
 ``--bf16`` also ``dense-bf16`` and ``odllm-bf16`` (same activation dtype as the GPTQ kernel).
 
@@ -94,10 +96,16 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+COMPILED = "+compile"  # suffix: the variant with its forward compiled for the search (recsys.compile_for_search)
+
+
 def build_variant(name: str, args, dense, calibration, device: str, dtype: torch.dtype):
     from optimum_odllm import ODLLMCompressor, ODLLMConfig
     from optimum_odllm.fused import fuse_shared_inputs
+    from optimum_odllm.recsys import compile_for_search
 
+    if name.endswith(COMPILED):
+        return compile_for_search(build_variant(name.removesuffix(COMPILED), args, dense, calibration, device, dtype))
     if name in ("dense", "dense-bf16"):
         return copy.deepcopy(dense).to(device=device, dtype=torch.bfloat16 if name.endswith("bf16") else dtype)
     if name in ("odllm", "odllm-fused", "odllm-fused-bmm", "odllm-bf16"):
@@ -289,9 +297,13 @@ def main(argv=None) -> dict[str, Any]:
     del dense
     gc.collect()
 
-    # warm-up (first call repacks int4 weights, fills caches), then round-robin users/s
+    if any(name.endswith(COMPILED) for name in models):  # compiled variants of one architecture share dynamo's limit
+        for option in ("recompile_limit", "cache_size_limit"):
+            if hasattr(torch._dynamo.config, option):
+                setattr(torch._dynamo.config, option, 64)
+    # warm-up (first call compiles "+compile" variants, repacks int4 weights, fills caches), then round-robin users/s
     for name, model in models.items():
-        time_users(model, encoder, users[: args.eval_batch], args, device)
+        results["variants"][name]["first_call_s"] = time_users(model, encoder, users[: args.eval_batch], args, device)
     per: dict[str, list[float]] = {n: [] for n in models}
     searches = [(suffix, context) for suffix, context, wanted in (
         ("+plain-reorder", whole_cache_reorder, args.compare_reorder),
@@ -311,6 +323,9 @@ def main(argv=None) -> dict[str, Any]:
     for label, (name, _) in plain.items():  # do the searches rank alike? (first round; float rounding may swap ties)
         same = [a == b for a, b in zip(rankings[label][0], rankings[name][0])]
         results["variants"][label]["same_ranked_list_as_default"] = sum(same) / len(same)
+    for name in [n for n in models if n.endswith(COMPILED) and n.removesuffix(COMPILED) in models]:
+        same = [a == b for a, b in zip(rankings[name][0], rankings[name.removesuffix(COMPILED)][0])]
+        results["variants"][name]["same_ranked_list_as_eager"] = sum(same) / len(same)
     write_json(args.out, results)
     print({n: round(results["variants"][n]["users_per_s"], 2) for n in per}, flush=True)
     if args.single_user:

@@ -256,6 +256,10 @@ def run_evaluate(args: argparse.Namespace) -> dict[str, float]:
     state = launched_state()
     device = state.device if state is not None else _device(args.device)
     model = AutoModelForCausalLM.from_pretrained(args.model).to(device)
+    if args.compile:
+        from .recsys import compile_for_search
+
+        compile_for_search(model)
     template = PACKED_SEQREC_TEMPLATE if args.template == "packed" else SEQREC_TEMPLATES[0]
     metrics = evaluate_recommender(model, encoder, examples, template, num_beams=args.beams, batch_size=args.batch_size,
                                    progress=is_main_process(), train=split.train,

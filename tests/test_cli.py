@@ -106,7 +106,7 @@ def _interactions(root: Path, users: int = 24, items: int = 16) -> tuple[Path, P
 
 
 @pytest.mark.slow
-def test_train_evaluate_compress_recover_end_to_end(tmp_path, capsys):
+def test_train_evaluate_compress_recover_end_to_end(tmp_path, capsys, monkeypatch):
     inter, meta = _interactions(tmp_path)
     data = ["--dataset", str(inter), "--items", str(meta)]
     main(["train", *data, "-o", str(tmp_path / "dense"), "--hidden-size", "32", "--layers", "2", "--heads", "2",
@@ -123,9 +123,20 @@ def test_train_evaluate_compress_recover_end_to_end(tmp_path, capsys):
     main(["compress", str(dense), "-o", str(comp), "--ratio", "0.5", "--calibration", "recsys", *data, *TINY])
     assert "training sequences (recsys" in ModelCard.load(comp / "README.md").text
 
-    main(["evaluate", str(comp), *data, "--max-users", "8", "--beams", "5", "--update-card"])
+    main(["evaluate", str(comp), *data, "--max-users", "8", "--beams", "5", "--update-card",
+          "--output-json", str(tmp_path / "eager.json")])
     card = ModelCard.load(comp / "README.md")
     assert {r.metric_name for r in card.data.eval_results} == {"HR@1", "HR@5", "HR@10", "NDCG@5", "NDCG@10"}
+
+    # --compile hands the loaded model to compile_for_search (the compiled search itself is tested in
+    # test_recsys_core; compiling here would take minutes)
+    compiled = []
+    monkeypatch.setattr("optimum_odllm.recsys.compile_for_search", lambda model: compiled.append(type(model).__name__) or model)
+    main(["evaluate", str(comp), *data, "--max-users", "8", "--beams", "5", "--compile",
+          "--output-json", str(tmp_path / "compiled.json")])
+    monkeypatch.undo()
+    assert compiled == ["LlamaForCausalLM"]
+    assert json.loads((tmp_path / "compiled.json").read_text()) == json.loads((tmp_path / "eager.json").read_text())
 
     main(["train", *data, "--model", str(comp), "-o", str(tmp_path / "rec"), "--lora", "--lora-r", "2",
           "--max-steps", "2", "--batch-size", "8"])

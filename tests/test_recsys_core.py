@@ -553,3 +553,42 @@ def test_popularity_counts_training_only_and_skips_seen():
     assert ranked[0] == [3, 4]  # 2 and 1 were seen by u; ties broken by smaller id
     assert ranked[1] == [2, 3, 1]
     assert popularity_rankings(train, examples[:1], k=2, exclude_history=False) == [[2, 3]]
+
+
+def test_compile_for_search_gives_the_eager_rankings_and_keeps_the_shared_prompt(monkeypatch):
+    """Compiled forward (AOTAutograd, as Inductor sees it, without the C++ build that takes minutes here; the
+    benchmark runs Inductor on the real recommender): same items and scores as eager (left padding, exclusions,
+    two prompt lengths), still the tree-attention search (the model stays a PreTrainedModel), compiled once,
+    weights unchanged."""
+    from transformers.cache_utils import DynamicCache
+
+    from optimum_odllm.recsys import compile_for_search
+
+    items = [tuple(20 + 10 * level + v for level, v in enumerate(code))
+             for code in [(a, b, c) for a in range(3) for b in range(3) for c in range(3)]]
+    trie = PrefixTrie(items)
+    model = _tiny_causal_lm("llama", vocab=60)
+    rows = [[3, 7, 11, 5, 9], [5, 2], [14, 1, 2, 13]]
+    width = max(map(len, rows))
+    prompts = torch.tensor([[0] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    exclude = [{0, 1}, set(), {4}]
+    eager = constrained_beam_search(model, prompts, trie, num_beams=5, attention_mask=mask, exclude=exclude)
+    eager_short = constrained_beam_search(model, prompts[:2, 2:], trie, num_beams=5, attention_mask=mask[:2, 2:])
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+
+    torch._dynamo.reset()
+    assert compile_for_search(model, backend="aot_eager") is model and compile_for_search(model) is model
+    compiled_forward = model.forward
+    monkeypatch.setattr(DynamicCache, "batch_repeat_interleave",
+                        lambda self, repeats: pytest.fail("the compiled model fell back to the repeated-prompt search"))
+    compiled = constrained_beam_search(model, prompts, trie, num_beams=5, attention_mask=mask, exclude=exclude)
+    compiled_short = constrained_beam_search(model, prompts[:2, 2:], trie, num_beams=5, attention_mask=mask[:2, 2:])
+    assert model.forward is compiled_forward  # the second call did not wrap it again
+    assert compiled[0] == eager[0] and compiled_short[0] == eager_short[0]
+    assert torch.allclose(compiled[1], eager[1], atol=1e-5) and torch.allclose(compiled_short[1], eager_short[1], atol=1e-5)
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    del model.forward  # undone: the class's forward again
+    assert not hasattr(model.forward, "_torchdynamo_orig_callable")
+    with pytest.raises(TypeError, match="PreTrainedModel"):
+        compile_for_search(nn.Linear(2, 2))

@@ -3,7 +3,8 @@
 Modules, one idea each: :mod:`.data` (loaders, leave-one-out split), :mod:`.indexing` (RQ-VAE
 semantic item codes), :mod:`.instructions` (task templates, index tokens), :mod:`.training`
 (``Trainer`` recipe), :mod:`.trie` (prefix trie, constrained beam search), :mod:`.metrics`
-(HR@K/NDCG@K) and :mod:`.evaluation` (model and popularity evaluation).
+(HR@K/NDCG@K), :mod:`.evaluation` (model and popularity evaluation) and :mod:`.compiled` (a compiled
+forward for the search on CPU).
 """
 
 from .data import (
@@ -55,3 +56,8 @@ from .metrics import per_user_metrics, ranking_metrics_with_stderr, summarize  #
 
 __all__ += ["evaluate_per_user", "has_repeats", "history_exclusions", "per_user_metrics",
             "ranking_metrics_with_stderr", "seen_items", "summarize"]
+
+# CPU inference: the search with a compiled forward
+from .compiled import compile_for_search  # noqa: E402
+
+__all__ += ["compile_for_search"]

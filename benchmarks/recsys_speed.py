@@ -297,7 +297,7 @@ def main(argv=None) -> dict[str, Any]:
     del dense
     gc.collect()
 
-    if any(name.endswith(COMPILED) for name in models):  # compiled variants of one architecture share dynamo's limit
+    if any(name.endswith(COMPILED) for name in models):  # torch without isolate_recompiles: one shared limit
         for option in ("recompile_limit", "cache_size_limit"):
             if hasattr(torch._dynamo.config, option):
                 setattr(torch._dynamo.config, option, 64)

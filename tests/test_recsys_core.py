@@ -558,11 +558,13 @@ def test_popularity_counts_training_only_and_skips_seen():
 def test_compile_for_search_gives_the_eager_rankings_and_keeps_the_shared_prompt(monkeypatch):
     """Compiled forward (AOTAutograd, as Inductor sees it, without the C++ build that takes minutes here; the
     benchmark runs Inductor on the real recommender): same items and scores as eager (left padding, exclusions,
-    two prompt lengths), still the tree-attention search (the model stays a PreTrainedModel), compiled once,
-    weights unchanged."""
+    two prompt lengths), still the tree-attention search (the model stays a PreTrainedModel), really compiled,
+    compiled once, weights unchanged."""
+    from torch._dynamo.utils import counters
     from transformers.cache_utils import DynamicCache
 
     from optimum_odllm.recsys import compile_for_search
+    from optimum_odllm.recsys.trie import _takes_logits_to_keep
 
     items = [tuple(20 + 10 * level + v for level, v in enumerate(code))
              for code in [(a, b, c) for a in range(3) for b in range(3) for c in range(3)]]
@@ -578,17 +580,51 @@ def test_compile_for_search_gives_the_eager_rankings_and_keeps_the_shared_prompt
     state = {k: v.clone() for k, v in model.state_dict().items()}
 
     torch._dynamo.reset()
-    assert compile_for_search(model, backend="aot_eager") is model and compile_for_search(model) is model
+    counters.clear()
+    assert compile_for_search(model, backend="aot_eager") is model
     compiled_forward = model.forward
+    assert compile_for_search(model, backend="aot_eager") is model and model.forward == compiled_forward  # no re-wrap
+    assert _takes_logits_to_keep(model)  # the search still cuts the prompt's logits to the last row
     monkeypatch.setattr(DynamicCache, "batch_repeat_interleave",
                         lambda self, repeats: pytest.fail("the compiled model fell back to the repeated-prompt search"))
     compiled = constrained_beam_search(model, prompts, trie, num_beams=5, attention_mask=mask, exclude=exclude)
     compiled_short = constrained_beam_search(model, prompts[:2, 2:], trie, num_beams=5, attention_mask=mask[:2, 2:])
-    assert model.forward is compiled_forward  # the second call did not wrap it again
+    assert counters["stats"]["unique_graphs"] >= 1  # dynamo traced the forward: it really is compiled
     assert compiled[0] == eager[0] and compiled_short[0] == eager_short[0]
     assert torch.allclose(compiled[1], eager[1], atol=1e-5) and torch.allclose(compiled_short[1], eager_short[1], atol=1e-5)
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
     del model.forward  # undone: the class's forward again
-    assert not hasattr(model.forward, "_torchdynamo_orig_callable")
+    assert model.forward.__func__ is type(model).forward
+    torch._dynamo.reset()
+
+
+def test_compile_for_search_refuses_what_it_cannot_compile_safely():
+    from optimum_odllm.recsys import compile_for_search
+
     with pytest.raises(TypeError, match="PreTrainedModel"):
         compile_for_search(nn.Linear(2, 2))
+    model = _tiny_causal_lm("llama", vocab=60)
+    model.forward = torch.compile(model.forward, backend="eager")  # the user's own compile: not wrapped twice
+    with pytest.raises(ValueError, match="del model.forward"):
+        compile_for_search(model, backend="eager")
+    del model.forward
+    compile_for_search(model, backend="eager")
+    with pytest.raises(ValueError, match="backend"):  # asked again with another backend: say so, don't keep the old
+        compile_for_search(model, backend="aot_eager")
+
+
+def test_a_copy_of_a_compiled_model_runs_its_own_weights():
+    """copy.deepcopy of a compiled model must compute with the copy's weights (it used to call the original's)."""
+    import copy
+
+    from optimum_odllm.recsys import compile_for_search
+
+    model = compile_for_search(_tiny_causal_lm("llama", vocab=60), backend="eager")
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.zero_()
+        ids = torch.tensor([[3, 4, 5]])
+        assert twin(input_ids=ids).logits.abs().sum() == 0  # zero weights: zero logits
+        assert model(input_ids=ids).logits.abs().sum() > 0
+    torch._dynamo.reset()

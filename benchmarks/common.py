@@ -108,6 +108,15 @@ def model_shape(args) -> dict[str, Any]:
     )
 
 
+def raise_recompile_limit(limit: int = 64) -> None:
+    """Let dynamo keep ``limit`` compiled versions per function: several variants of one architecture, compiled in
+    one process, then stay compiled side by side instead of falling back to eager (``cache_size_limit`` on older
+    torch)."""
+    for option in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, option):
+            setattr(torch._dynamo.config, option, limit)
+
+
 def median_time(fn: Callable[[], Any], warmup: int = 3, repeat: int = 10, cuda: bool | None = None) -> float:
     """Median wall seconds of ``fn`` (CUDA-synchronized when on GPU)."""
     cuda = torch.cuda.is_available() if cuda is None else cuda

@@ -51,7 +51,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import recsys_common as rc  # noqa: E402
-from common import machine_info, markdown_table, write_json  # noqa: E402
+from common import machine_info, markdown_table, raise_recompile_limit, write_json  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -298,9 +298,7 @@ def main(argv=None) -> dict[str, Any]:
     gc.collect()
 
     if any(name.endswith(COMPILED) for name in models):  # torch without isolate_recompiles: one shared limit
-        for option in ("recompile_limit", "cache_size_limit"):
-            if hasattr(torch._dynamo.config, option):
-                setattr(torch._dynamo.config, option, 64)
+        raise_recompile_limit()
     # warm-up (first call compiles "+compile" variants, repacks int4 weights, fills caches), then round-robin users/s
     for name, model in models.items():
         results["variants"][name]["first_call_s"] = time_users(model, encoder, users[: args.eval_batch], args, device)

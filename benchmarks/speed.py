@@ -53,6 +53,7 @@ from common import (
     machine_info,
     markdown_table,
     median_time,
+    raise_recompile_limit,
     write_json,
 )
 from optimum_odllm import kernels
@@ -196,7 +197,7 @@ def profile_decode(
 ) -> dict[str, Any]:
     """Where a compiled (static cache) ``generate`` spends GPU time: the top kernels of ``tokens`` steps."""
     ids = torch.randint(3, vocab, (batch, prompt), device=device)
-    kwargs: dict[str, Any] = dict(do_sample=False, pad_token_id=0, eos_token_id=None, cache_implementation="static")
+    kwargs = generate_kwargs(compiled=True)
     for _ in range(warm):  # compile, record the CUDA graphs
         model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, **kwargs)
     torch.cuda.synchronize()
@@ -252,7 +253,7 @@ def python_hotspots(model: torch.nn.Module, batch: int, prompt: int, tokens: int
     import pstats
 
     ids = torch.randint(3, vocab, (batch, prompt), device=device)
-    kwargs: dict[str, Any] = dict(do_sample=False, pad_token_id=0, eos_token_id=None, cache_implementation="static")
+    kwargs = generate_kwargs(compiled=True)
     profiler = cProfile.Profile()
     profiler.enable()
     model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, **kwargs)
@@ -410,9 +411,7 @@ def main() -> None:
 
     modes = ([] if args.no_eager_decode else [False]) + ([True] if device.startswith("cuda") and not args.no_compile else [])
     if args.rounds:
-        for name in ("recompile_limit", "cache_size_limit"):  # every variant's graphs stay cached side by side
-            if hasattr(torch._dynamo.config, name):
-                setattr(torch._dynamo.config, name, 64)
+        raise_recompile_limit()  # every variant's graphs stay cached side by side
         for compiled in modes:
             for batch in [int(b) for b in args.decode_batches.split(",") if b]:
                 try:

@@ -40,6 +40,14 @@ from optimum_odllm.recsys.training import build_offline_model, build_offline_tok
 from optimum_odllm.recsys.trie import PrefixTrie, constrained_beam_search
 
 
+def _left_padded(rows: list[list[int]], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts left-padded to the longest row, and their attention mask."""
+    width = max(map(len, rows))
+    prompts = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return prompts, mask
+
+
 # ---------------------------------------------------------------------------------------------- data
 
 
@@ -405,9 +413,7 @@ def test_beam_search_with_the_prefix_preserving_reorder_equals_the_plain_reorder
     enc = InstructionEncoder(tok, index, texts)
     trie = PrefixTrie(enc.item_ids)
     rows = [enc.prompt_ids(PACKED_SEQREC_TEMPLATE, h) for h in ([3, 7, 11], [5], [20, 1, 2, 40])]
-    width = max(map(len, rows))
-    prompts = torch.tensor([[tok.pad_token_id] * (width - len(r)) + r for r in rows])
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    prompts, mask = _left_padded(rows, tok.pad_token_id)
     exclude = [{0, 1, 2}, {5}, set()]
     from transformers.cache_utils import DynamicCache
 
@@ -469,9 +475,7 @@ def test_shared_prompt_search_equals_the_repeated_prompt_search(kind, attn, monk
     model = _tiny_causal_lm(kind, vocab=60)
     model.config._attn_implementation = attn
     rows = [[3, 7, 11, 5, 9], [5, 2], [14, 1, 2, 13]]
-    width = max(map(len, rows))
-    prompts = torch.tensor([[0] * (width - len(r)) + r for r in rows])
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    prompts, mask = _left_padded(rows)
     exclude = [{0, 1, 2}, {5}, set()]
     plain = constrained_beam_search(model, prompts, trie, num_beams=6, attention_mask=mask, exclude=exclude,
                                     shared_prompt=False)
@@ -571,9 +575,7 @@ def test_compile_for_search_gives_the_eager_rankings_and_keeps_the_shared_prompt
     trie = PrefixTrie(items)
     model = _tiny_causal_lm("llama", vocab=60)
     rows = [[3, 7, 11, 5, 9], [5, 2], [14, 1, 2, 13]]
-    width = max(map(len, rows))
-    prompts = torch.tensor([[0] * (width - len(r)) + r for r in rows])
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    prompts, mask = _left_padded(rows)
     exclude = [{0, 1}, set(), {4}]
     eager = constrained_beam_search(model, prompts, trie, num_beams=5, attention_mask=mask, exclude=exclude)
     eager_short = constrained_beam_search(model, prompts[:2, 2:], trie, num_beams=5, attention_mask=mask[:2, 2:])

@@ -242,6 +242,22 @@ def swap_model(base: nn.Module, variant: str, ranks_by_proj: dict[str, int | Non
     return model
 
 
+def bytes_without(model: nn.Module, embed: torch.Tensor) -> int:
+    """Bytes of every parameter and buffer except the shared embedding table."""
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()] if t is not embed)
+
+
+def bytes_read_per_token(models: dict[str, nn.Module], embed: torch.Tensor) -> dict[str, int]:
+    """Weight bytes one decode step reads: every weight once, the embedding table only where it is the tied head.
+
+    The embedding itself is read one row per token; a tied ``lm_head`` reads all of it. At batch 1 on a memory-bound
+    CPU, dense bytes / variant bytes is the speed-up the variant reaches when both stream weights at the same rate.
+    """
+    return {v: bytes_without(m, embed) + (embed.numel() * embed.element_size()
+                                         if getattr(m.get_output_embeddings(), "weight", None) is embed else 0)
+            for v, m in models.items()}
+
+
 def bench_model(name: str, shape: dict[str, Any], ratio: float, device: torch.device, timer: Timer,
                 prompt: int, steps: int) -> dict[str, Any]:
     """Per-token latency of a decode step (batch 1, KV cache after a ``prompt``-token prefill)."""
@@ -269,11 +285,12 @@ def bench_model(name: str, shape: dict[str, Any], ratio: float, device: torch.de
             samples[v].append(decode(model))
     times = {v: statistics.median(s) for v, s in samples.items()}
     embed = base.get_input_embeddings().weight
-    params = {v: sum(b.numel() * b.element_size() for b in list(m.parameters()) + list(m.buffers()) if b is not embed)
-              for v, m in models.items()}
+    params = {v: bytes_without(m, embed) for v, m in models.items()}
+    read = bytes_read_per_token(models, embed)
     return {"shape": name, "ratio": ratio, "prompt": prompt, "steps": steps, "seconds": times,
             "speedup": {v: times["dense_bf16"] / t for v, t in times.items()},
-            "bytes_without_embedding": params}
+            "bytes_without_embedding": params, "bytes_read_per_token": read,
+            "bytes_ratio": {v: read["dense_bf16"] / b for v, b in read.items()}}
 
 
 def main() -> None:
@@ -325,6 +342,9 @@ def main() -> None:
                                           for v, b in r["bytes_without_embedding"].items()}} for r in result["model"]]
         print("\n## bytes stored besides the shared bf16 embedding, fraction of dense_bf16 (the head8 variant adds its "
               "int8 lm_head)\n" + markdown_table(rows, ["shape", *MODEL_VARIANTS]))
+        rows = [{"shape": r["shape"], **r["bytes_ratio"]} for r in result["model"]]
+        print("\n## weight bytes a decode step reads, dense_bf16 / variant (the ceiling of a memory-bound step)\n"
+              + markdown_table(rows, ["shape", *MODEL_VARIANTS]))
     write_json(args.out, result)
     print(f"\nwrote {args.out}  ({result['machine']['date']}, {result['machine']['cpu']}, threads={args.threads})")
 

@@ -18,7 +18,9 @@ any of them with the suffix ``+compile`` (its forward compiled for the search, `
 the first call compiles and is reported as ``first_call_s``; the ranked lists are compared with the eager
 variant's), ``gptq-w4`` (gptqmodel checkpoint, ``gptq_torch_aten`` int4 kernel, bf16 activations; needs the
 gptqmodel venv), ``sparsegpt-50`` (llmcompressor output, stored and run dense, fp32), and with
-``--bf16`` also ``dense-bf16`` and ``odllm-bf16`` (same activation dtype as the GPTQ kernel).
+``--bf16`` also ``dense-bf16`` and ``odllm-bf16`` (same activation dtype as the GPTQ kernel); ``odllm-int8`` /
+``odllm-int4``: OD-LLM with integer factors (``factor_bits``, the library's defaults otherwise; on CPU the
+aten integer kernels take bf16 activations, cast around each factor).
 
 Run it with the gptqmodel venv's python so that GPTQ is in the same process (it has the same torch
 and transformers as the main venv, and imports this repo from the source tree)::
@@ -108,10 +110,11 @@ def build_variant(name: str, args, dense, calibration, device: str, dtype: torch
         return compile_for_search(build_variant(name.removesuffix(COMPILED), args, dense, calibration, device, dtype))
     if name in ("dense", "dense-bf16"):
         return copy.deepcopy(dense).to(device=device, dtype=torch.bfloat16 if name.endswith("bf16") else dtype)
-    if name in ("odllm", "odllm-fused", "odllm-fused-bmm", "odllm-bf16"):
+    if name in ("odllm", "odllm-fused", "odllm-fused-bmm", "odllm-bf16", "odllm-int8", "odllm-int4"):
         model = copy.deepcopy(dense)
+        bits = int(name[-1]) if name.startswith("odllm-int") else None
         cfg = ODLLMConfig(ratio=args.ratio, rank_multiple=args.rank_multiple, num_calibration_samples=args.calibration_samples,
-                          min_calibration_tokens=16)
+                          min_calibration_tokens=16, factor_bits=bits)
         ODLLMCompressor(model, cfg).compress(calibration, device="cpu")
         model = model.to(device=device, dtype=torch.bfloat16 if name.endswith("bf16") else dtype)
         if name.startswith("odllm-fused"):

@@ -385,3 +385,50 @@ def test_speed_python_hotspots_see_generate_and_one_model_forward_per_token():
     decoder = [row for row in rows if "modeling_llama" in row["function"] and row["function"].endswith(":forward")
                and row["calls"] == 3]
     assert decoder  # LlamaModel.forward / LlamaForCausalLM.forward: three tokens, three calls
+
+
+def test_forward_ab_binds_a_commits_forward_path_to_the_same_buffers(monkeypatch):
+    # forward_ab.py times the per-call path of a git commit against the working tree: the reference modules must
+    # run the commit's methods (not the working tree's) on the same integer buffers, with the same result.
+    import forward_ab
+    from optimum_odllm.lowrank import LowRankLinear
+    from optimum_odllm.quantization import QuantizedLowRankLinear
+
+    reference = forward_ab.module_at("HEAD")
+    assert reference.QuantizedFactor is not forward_ab.qlowrank.QuantizedFactor
+    torch.manual_seed(0)
+    model = nn.Sequential(QuantizedLowRankLinear.from_lowrank(LowRankLinear(64, 48, 32, bias=True), None, 8, 128, "rtn"))
+    x = torch.randn(2, 64, dtype=torch.bfloat16)
+    expected = model(x)
+    assert forward_ab.bind_reference_path(model, reference) == 2
+    calls = []
+    original = reference.QuantizedFactor.forward
+    monkeypatch.setattr(reference.QuantizedFactor, "forward", lambda self, t: calls.append(1) or original(self, t))
+    forward_ab.bind_reference_path(model, reference)
+    assert torch.equal(model(x), expected) and len(calls) == 2
+
+
+def test_quantized_speed_bytes_read_count_the_tied_head_once():
+    # A decode step reads every weight once; the tied lm_head reads the whole embedding table, an int8 head instead
+    # of it is counted in the variant's own buffers.
+    import quantized_speed as qs
+
+    embed = nn.Embedding(100, 8)
+
+    class Tiny(nn.Module):
+        def __init__(self, head):
+            super().__init__()
+            self.embed, self.layer, self.lm_head = embed, nn.Linear(8, 8, bias=False), head
+
+        def get_input_embeddings(self):
+            return self.embed
+
+        def get_output_embeddings(self):
+            return self.lm_head
+
+    tied = nn.Linear(8, 100, bias=False)
+    tied.weight = embed.weight
+    int_head = qs.QuantizedFactor(8, 100, 8)
+    read = qs.bytes_read_per_token({"dense_bf16": Tiny(tied), "head8": Tiny(int_head)}, embed.weight)
+    assert read["dense_bf16"] == 64 * 4 + 800 * 4
+    assert read["head8"] == 64 * 4 + 800 + 100 * 2

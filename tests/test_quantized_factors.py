@@ -279,6 +279,32 @@ def test_reloaded_weights_invalidate_prepared_kernel_layout():
     assert torch.equal(a(x), b(x)) and not torch.equal(a(x), before)
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_eager_fast_path_sees_in_place_writes_reassigned_buffers_and_dtype_switches(bits):
+    # The eager path remembers the last layout per (device, dtype); every way the stored codes can change after
+    # a call must still reach the kernel: an in-place write, a reassigned buffer, and the other activation dtype.
+    a, b = make_quantized(bits, seed=4), make_quantized(bits, seed=5)
+    x = torch.randn(3, 256)
+    expected_b = b(x)
+    a(x)  # caches a layout
+    with torch.no_grad():
+        for name, tensor in b.state_dict().items():  # codes, scales, zeros and the bias, written in place
+            a.get_parameter(name).copy_(tensor) if name.endswith("bias") else a.get_buffer(name).copy_(tensor)
+    assert torch.equal(a(x), expected_b)
+
+    c = make_quantized(bits, seed=6)
+    a.up.bias = c.up.bias
+    a(x)
+    for part in ("down", "up"):  # new tensor objects under the same buffer names
+        for name, tensor in getattr(c, part).named_buffers():
+            setattr(getattr(a, part), name, tensor.clone())
+    assert torch.equal(a(x), c(x))
+
+    bf16 = x.to(torch.bfloat16)
+    assert a(bf16).dtype == torch.bfloat16 and a(x).dtype == torch.float32
+    assert torch.equal(a(bf16), c(bf16)) and torch.equal(a(x), c(x))
+
+
 def test_unsupported_int4_shape_falls_back_to_dequantized():
     w = random_weight(40, 128, 11)  # 40 rows: the CPU int4 kernel needs a multiple of 16
     factor = QuantizedFactor.from_quantized(quantize_weight(w, None, 4, 64, "rtn"))
@@ -483,7 +509,36 @@ def test_compiled_factor_sees_reloaded_weights(bits):
         compiled = torch.compile(a, backend="aot_eager")
         before = compiled(x)
         a.load_state_dict(b.state_dict())
-        after = compiled(x)
+        after = compiled(x)  # no cached layout now: the graph dequantizes the new codes (not bit-equal to b's kernel)
+        a(x)  # an eager call caches the new layout; the graph reads it again
+        again = compiled(x)
+    reference = b.dequantize(torch.float64)
+    bound = 2**-7 * ((x.abs().double() @ reference.down.weight.abs().T) @ reference.up.weight.abs().T) + 2**-7
     assert not torch.equal(after, before)
-    assert torch.equal(after, b(x))
+    assert ((after.double() - reference(x.double())).abs() <= bound).all()
+    assert torch.equal(again, b(x))
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_inductor_compiles_float32_model_before_any_eager_call(bits):
+    # Found by recsys_speed.py (odllm-int8+compile): a float32 model (its bf16 scales cast to float32) compiled with
+    # inductor before any eager call built the kernel layout inside the graph, and inductor's lowering of aten's
+    # CPU integer kernels failed on the cast scales ("LoweringException: AssertionError: Pointwise").
+    from optimum_odllm.quantization import prepare_kernel_layouts
+
+    x = torch.randn(3, 256)
+    for warm in (False, True):  # without a cached layout (dequantized in the graph), then with prepared layouts
+        torch._dynamo.reset()
+        module = make_quantized(bits, seed=21).float()
+        reference = module.dequantize(torch.float64)
+        bound = 2**-7 * ((x.abs().double() @ reference.down.weight.abs().T) @ reference.up.weight.abs().T) + 2**-7
+        if warm:
+            assert prepare_kernel_layouts(module) == 2
+            assert module.down._prepared and module.up._prepared
+        with torch.no_grad():
+            compiled = torch.compile(module, backend="inductor", fullgraph=True)
+            out = compiled(x)
+            assert ((out.double() - reference(x.double())).abs() <= bound).all(), warm
+            assert torch.equal(compiled(x), out)
     torch._dynamo.reset()

@@ -615,6 +615,27 @@ def test_compile_for_search_refuses_what_it_cannot_compile_safely():
         compile_for_search(model, backend="aot_eager")
 
 
+def test_compile_for_search_prepares_integer_factor_layouts_for_the_model_dtype():
+    # Without cached layouts the compiled graph dequantizes every factor on every call (and, before that fallback,
+    # Inductor failed on a float32 model's int8 factors): compile_for_search builds them first.
+    from optimum_odllm.lowrank import LowRankLinear, set_submodule
+    from optimum_odllm.quantization import QuantizedFactor, QuantizedLowRankLinear
+    from optimum_odllm.recsys import compile_for_search
+
+    model = _tiny_causal_lm("llama", vocab=60)
+    torch.manual_seed(0)
+    for name in ("model.layers.0.mlp.up_proj", "model.layers.0.mlp.down_proj"):
+        dense = model.get_submodule(name)
+        lowrank = LowRankLinear(dense.in_features, dense.out_features, 16, bias=False)
+        set_submodule(model, name, QuantizedLowRankLinear.from_lowrank(lowrank, None, 8, 128, "rtn"))
+    factors = [m for m in model.modules() if isinstance(m, QuantizedFactor)]
+    assert len(factors) == 4 and not any(f._prepared for f in factors)
+    compile_for_search(model, backend="eager")
+    assert all(list(f._prepared) == [(torch.device("cpu"), torch.bfloat16)] for f in factors)  # fp32 -> bf16 on CPU
+    del model.forward
+    torch._dynamo.reset()
+
+
 def test_a_copy_of_a_compiled_model_runs_its_own_weights():
     """copy.deepcopy of a compiled model must compute with the copy's weights (it used to call the original's)."""
     import copy

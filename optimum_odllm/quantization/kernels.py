@@ -129,6 +129,12 @@ def prepare(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | N
         high_first = ((codes[:, 0::2] << 4) | codes[:, 1::2]).contiguous()  # CUDA packing wants even column high
         packed = torch.ops.aten._convert_weight_to_int4pack(high_first, CUDA_INT4_INNER_K_TILES)
         return PreparedWeight(kernel, compute_dtype, packed, _int4_scale_zeros(scales, zeros, compute_dtype), group_size)
+    return dequantized_layout(qweight, scales, zeros, bits, group_size, compute_dtype)
+
+
+def dequantized_layout(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int,
+                       group_size: int | None, compute_dtype: torch.dtype) -> PreparedWeight:
+    """The portable fallback: the float weight the codes stand for, multiplied by ``F.linear``."""
     weight = dequantize_storage(qweight, scales, zeros, bits, group_size, torch.float32).to(compute_dtype)
     return PreparedWeight("dequantized", compute_dtype, weight)
 

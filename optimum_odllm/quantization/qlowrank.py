@@ -53,8 +53,7 @@ class QuantizedFactor(nn.Module):
             self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype or torch.get_default_dtype()))
         else:
             self.register_parameter("bias", None)
-        self._prepared: dict[tuple, kernels.PreparedWeight] = {}
-        self._prepared_for: tuple = ()
+        self._drop_layouts()
         # fixed by the shape: decided once here, not on every forward
         self._triton_shape = kernels.triton_preferred_on_cuda(bits, out_features, in_features, self.group_size)
 
@@ -78,7 +77,22 @@ class QuantizedFactor(nn.Module):
         return kernels.dequantize_storage(self.qweight, self.scales, self.zeros, self.bits, self.group_size, dtype)
 
     def _drop_layouts(self) -> None:
-        self._prepared, self._prepared_for = {}, ()
+        self._prepared: dict[tuple, kernels.PreparedWeight] = {}
+        self._prepared_for: tuple = ()
+        self._last_layout: tuple | None = None  # (device, activation dtype, layout): the eager fast path
+
+    def _stored_signature(self) -> tuple:
+        """What identifies the stored buffers' contents: a reload, move, cast or in-place write changes it.
+
+        Read through ``_buffers`` (``nn.Module.__getattr__`` costs ~2 us a call, and a decode step of a
+        Qwen2.5-0.5B-shaped model makes 336 factor calls)."""
+        buffers = self._buffers
+        signature = ()
+        for name in ("qweight", "scales", "zeros"):
+            t = buffers.get(name)
+            if t is not None:
+                signature += (t.data_ptr(), t._version, t.dtype, t.device)
+        return signature
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         self._drop_layouts()  # compiled code reads the cached layout without checking the stored buffers
@@ -95,26 +109,33 @@ class QuantizedFactor(nn.Module):
         float32) must not free a layout that a captured CUDA graph still reads. All layouts are dropped together
         only when the stored buffers change (reloaded weights), which invalidates such graphs anyway.
         """
-        compute = kernels.compute_dtype_for(x_dtype, device, self.bits)
         if torch.compiler.is_compiling():
+            compute = kernels.compute_dtype_for(x_dtype, device, self.bits)
             # Inside torch.compile the data-pointer check would break the graph at every factor. The layout an
-            # eager call cached (generate's prefill runs eagerly first) is read as a graph input; without one,
-            # the layout is built inside the graph (correct, rebuilt on every call). Loading, moving or casting
-            # the module drops the cache (_load_from_state_dict, _apply), so a stale layout is never read.
+            # eager call cached (generate's prefill runs eagerly first; prepare_kernel_layouts) is read as a graph
+            # input. Loading, moving or casting the module drops the cache (_load_from_state_dict, _apply), so a
+            # stale layout is never read. Without a cached layout the dequantized product runs in the graph:
+            # building the kernel layout there would repack on every call, and Inductor cannot lower aten's CPU
+            # integer kernels on scales computed in the graph (test_inductor_compiles_float32_model_...).
             entry = self._prepared.get((device, compute))
             if entry is not None:
                 return entry
-            return kernels.prepare(self.qweight, self.scales, self.zeros, self.bits, self.group_size,
-                                   self.in_features, compute)
-        stored = [t for t in (self.qweight, self.scales, self.zeros) if t is not None]
-        signature = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in stored)
+            return kernels.dequantized_layout(self.qweight, self.scales, self.zeros, self.bits, self.group_size,
+                                              compute)
+        signature = self._stored_signature()
         if signature != getattr(self, "_prepared_for", None):  # getattr: modules pickled before this attribute
-            self._prepared, self._prepared_for = {}, signature  # reloaded or moved weights: every layout is stale
+            self._drop_layouts()  # reloaded or moved weights: every layout is stale
+            self._prepared_for = signature
+        last = getattr(self, "_last_layout", None)
+        if last is not None and last[0] == device and last[1] == x_dtype:
+            return last[2]  # the common case: the same device and dtype as the previous call
+        compute = kernels.compute_dtype_for(x_dtype, device, self.bits)
         entry = self._prepared.get((device, compute))
         if entry is None:
             entry = kernels.prepare(self.qweight, self.scales, self.zeros, self.bits, self.group_size,
                                     self.in_features, compute)
             self._prepared[(device, compute)] = entry
+        self._last_layout = (device, x_dtype, entry)
         return entry
 
     @property
@@ -137,16 +158,19 @@ class QuantizedFactor(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2d = x.reshape(-1, self.in_features)
-        if use_int_kernel(x2d, x2d.shape[0]) and self.triton_ready:
+        if self.triton_ready and use_int_kernel(x2d, x2d.shape[0]):
             y = torch.ops.odllm.int_weight_mm(x2d, self.qweight, self.scales, self.zeros, self.bits,
                                               self.group_size or 0)
         else:
             prepared = self.prepared(x.device, x.dtype)
-            y = kernels.matmul(x2d.to(prepared.compute_dtype), prepared)
+            if x2d.dtype != prepared.compute_dtype:  # skipping no-op casts: ~3 us a call on CPU
+                x2d = x2d.to(prepared.compute_dtype)
+            y = kernels.matmul(x2d, prepared)
         y = y.reshape(*x.shape[:-1], self.out_features)
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
-        return y.to(x.dtype)
+        bias = self._parameters["bias"]
+        if bias is not None:
+            y = y + (bias if bias.dtype == y.dtype else bias.to(y.dtype))
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
@@ -219,11 +243,29 @@ class QuantizedLowRankLinear(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.up(self.down(x))
+        factors = self._modules  # not self.up / self.down: nn.Module.__getattr__ costs ~2 us a lookup on CPU
+        return factors["up"](factors["down"](x))
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
                 f"bits={self.bits}, group_size={self.group_size}, bias={self.bias is not None}")
+
+
+def prepare_kernel_layouts(model: nn.Module, dtype: torch.dtype | None = None) -> int:
+    """Build every integer factor's kernel layout now, for activations of ``dtype`` on the factor's device.
+
+    Call it before ``torch.compile`` (``recsys.compile_for_search`` does): a compiled graph reads the layouts an
+    eager call cached and falls back to the slower dequantized product where none is cached. ``dtype`` defaults to
+    the model's (``model.dtype``, else its first floating parameter). Returns the number of factors prepared.
+    """
+    if dtype is None:
+        dtype = getattr(model, "dtype", None)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    factors = [m for m in model.modules() if isinstance(m, QuantizedFactor)]
+    for factor in factors:
+        factor.prepared(factor.qweight.device, dtype)
+    return len(factors)
 
 
 def quantized_state_shapes(in_features: int, out_features: int, rank: int, bits: int, group_size: int | None,

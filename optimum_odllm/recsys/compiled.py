@@ -17,6 +17,8 @@ import types
 import torch
 from transformers import PreTrainedModel
 
+from ..quantization import prepare_kernel_layouts
+
 _MARK = "_odllm_compiled_for_search"  # on our compiled function: the backend it was compiled with
 
 
@@ -33,7 +35,8 @@ def compile_for_search(model: PreTrainedModel, backend: str = "inductor", dynami
     more than one evaluation. Inductor on CPU needs a C++ compiler. Calling it again with the same backend does
     nothing; ``del model.forward`` undoes it. Each compiled model keeps its own recompile limit
     (``isolate_recompiles`` where torch has it), so several compiled models of one architecture do not fall back
-    to eager for each other.
+    to eager for each other. A model with integer factors (``factor_bits``) gets their kernel layouts built first,
+    for the model's dtype on each factor's device, so move or cast the model before calling this.
     """
     if not isinstance(model, PreTrainedModel):
         raise TypeError(f"compile_for_search expects a transformers PreTrainedModel, got {type(model).__name__}")
@@ -47,6 +50,7 @@ def compile_for_search(model: PreTrainedModel, backend: str = "inductor", dynami
             raise ValueError(f"model.forward was compiled for the search with backend={compiled_with!r}; run "
                              f"`del model.forward` first to compile it with backend={backend!r}")
         return model
+    prepare_kernel_layouts(model)  # integer factors: the graph then reads their kernel layouts (else dequantizes)
     options = {"isolate_recompiles": True} if "isolate_recompiles" in inspect.signature(torch.compile).parameters else {}
     compiled = torch.compile(type(model).forward, backend=backend, dynamic=dynamic, **options)
     setattr(compiled, _MARK, backend)

@@ -542,3 +542,32 @@ def test_inductor_compiles_float32_model_before_any_eager_call(bits):
             assert ((out.double() - reference(x.double())).abs() <= bound).all(), warm
             assert torch.equal(compiled(x), out)
     torch._dynamo.reset()
+
+
+def test_int8_cpu_kernel_gets_aligned_codes_and_activations():
+    # Found on 2026-12-03: a recommender loaded with from_pretrained segfaulted in its first beam search. safetensors
+    # hands out memory-mapped tensors at any byte offset, and aten._weight_int8pack_mm (torch 2.13, CPU) crashes
+    # on codes or activations that are not 64-byte aligned once there are many rows (measured: codes 8 bytes off at
+    # 720 tokens, activations 2 or 8 bytes off at 2+ tokens). Run in a subprocess: the failure is a crash.
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import torch
+        from optimum_odllm.quantization import QuantizedFactor, quantize_weight
+        torch.manual_seed(0)
+        factor = QuantizedFactor.from_quantized(quantize_weight(torch.randn(72, 256), None, 8, method="rtn"))
+        codes = torch.empty(72 * 256 + 64, dtype=torch.int8)
+        misaligned = codes[8:8 + 72 * 256].view(72, 256)  # as a memory-mapped checkpoint can hand it out
+        misaligned.copy_(factor.qweight)
+        factor.qweight = misaligned
+        assert factor.kernel == "aten_int8" and factor.qweight.data_ptr() % 64
+        x = torch.randn(720 * 256 + 64, dtype=torch.bfloat16)[4:4 + 720 * 256].view(720, 256)
+        reference = x.double() @ factor.dequantized_weight(torch.float64).T
+        out = factor(x)
+        assert ((out.double() - reference).abs() <= 2**-6 * (x.abs().double() @ factor.dequantized_weight(torch.float64).abs().T) + 2**-6).all()
+        print("ok")
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "ok" in result.stdout, (result.returncode, result.stderr[-2000:])

@@ -77,6 +77,16 @@ def _int4_scale_zeros(scales: torch.Tensor, zeros: torch.Tensor, dtype: torch.dt
 
 
 CPU_INT8_K_MULTIPLE = 16
+#: aten._weight_int8pack_mm (torch 2.13, CPU) crashes on codes or activations that do not start on this boundary
+#: once there are many rows (measured: codes 8 bytes off at 720 tokens, activations 2 or 8 bytes off at 2+ tokens);
+#: safetensors' memory-mapped checkpoints hand tensors out at any offset. torch's allocator aligns to 64 bytes.
+CPU_INT8_ALIGNMENT = 64
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """``t`` contiguous and starting on a :data:`CPU_INT8_ALIGNMENT` boundary (a fresh copy where it is not)."""
+    t = t.contiguous()
+    return t if t.data_ptr() % CPU_INT8_ALIGNMENT == 0 else t.clone()
 
 
 def _kernel_for(bits: int, out_features: int, in_features: int, group_size: int | None,
@@ -118,7 +128,9 @@ def prepare(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | N
     device = qweight.device
     out_features = qweight.shape[0]
     kernel = _kernel_for(bits, out_features, in_features, group_size, device)
-    if kernel in ("aten_int8", "int8_dequantize_per_call"):
+    if kernel == "aten_int8":
+        return PreparedWeight(kernel, compute_dtype, _aligned(qweight), _aligned(scales.to(compute_dtype)))
+    if kernel == "int8_dequantize_per_call":
         return PreparedWeight(kernel, compute_dtype, qweight.contiguous(), scales.to(compute_dtype).contiguous())
     if kernel == "aten_int4_cpu":
         codes = unpack_int4(qweight).to(torch.int32)
@@ -142,6 +154,8 @@ def dequantized_layout(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch
 def matmul(x2d: torch.Tensor, prepared: PreparedWeight) -> torch.Tensor:
     """``x2d [tokens, in] @ W^T`` with the prepared kernel; ``x2d`` must already be in ``compute_dtype``."""
     if prepared.kernel == "aten_int8":
+        if not torch.compiler.is_compiling():  # compiled graphs allocate their own (aligned) buffers
+            x2d = _aligned(x2d)
         return torch.ops.aten._weight_int8pack_mm(x2d, prepared.weight, prepared.scales)
     if prepared.kernel == "int8_dequantize_per_call":  # int8 codes are exact in bf16/fp16; one rounding by the scale
         return F.linear(x2d, prepared.weight.to(x2d.dtype) * prepared.scales[:, None])

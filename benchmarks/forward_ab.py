@@ -1,7 +1,7 @@
 """A/B of the quantized factors' per-call Python path: a git commit's ``forward`` vs the working tree's.
 
 On a 2-core CPU, a Qwen2.5-0.5B-shaped decode step makes 336 ``QuantizedFactor`` calls, so microseconds of
-Python per call show up in the step time. Both models share the same integer buffers; the reference model's
+Python per call show up in the step time. Both models are built alike (equal integer buffers); the reference model's
 ``QuantizedFactor.forward``/``prepared`` and ``QuantizedLowRankLinear.forward`` are the ones of ``--ref``
 (read with ``git show``), bound to its modules. Decode steps as in ``quantized_speed.py`` (KV cache, batch 1),
 timed round-robin with bf16 dense, every other round reversed; the logits of both must be identical::

@@ -394,7 +394,12 @@ def test_forward_ab_binds_a_commits_forward_path_to_the_same_buffers(monkeypatch
     from optimum_odllm.lowrank import LowRankLinear
     from optimum_odllm.quantization import QuantizedLowRankLinear
 
-    reference = forward_ab.module_at("HEAD")
+    import subprocess
+
+    try:
+        reference = forward_ab.module_at("HEAD")
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        pytest.skip("needs a git checkout (forward_ab reads a commit's source with git show)")
     assert reference.QuantizedFactor is not forward_ab.qlowrank.QuantizedFactor
     torch.manual_seed(0)
     model = nn.Sequential(QuantizedLowRankLinear.from_lowrank(LowRankLinear(64, 48, 32, bias=True), None, 8, 128, "rtn"))

@@ -154,8 +154,8 @@ def dequantized_layout(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch
 def matmul(x2d: torch.Tensor, prepared: PreparedWeight) -> torch.Tensor:
     """``x2d [tokens, in] @ W^T`` with the prepared kernel; ``x2d`` must already be in ``compute_dtype``."""
     if prepared.kernel == "aten_int8":
-        if not torch.compiler.is_compiling():  # compiled graphs allocate their own (aligned) buffers
-            x2d = _aligned(x2d)
+        # In a graph the pointer is unknown at trace time (a graph input may be a misaligned view): copy always.
+        x2d = x2d.clone(memory_format=torch.contiguous_format) if torch.compiler.is_compiling() else _aligned(x2d)
         return torch.ops.aten._weight_int8pack_mm(x2d, prepared.weight, prepared.scales)
     if prepared.kernel == "int8_dequantize_per_call":  # int8 codes are exact in bf16/fp16; one rounding by the scale
         return F.linear(x2d, prepared.weight.to(x2d.dtype) * prepared.scales[:, None])

@@ -90,8 +90,8 @@ class QuantizedFactor(nn.Module):
         signature = ()
         for name in ("qweight", "scales", "zeros"):
             t = buffers.get(name)
-            if t is not None:
-                signature += (t.data_ptr(), t._version, t.dtype, t.device)
+            if t is not None:  # inference tensors keep no version counter (and refuse in-place writes outside it)
+                signature += (t.data_ptr(), -1 if t.is_inference() else t._version, t.dtype, t.device)
         return signature
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
@@ -113,8 +113,9 @@ class QuantizedFactor(nn.Module):
             compute = kernels.compute_dtype_for(x_dtype, device, self.bits)
             # Inside torch.compile the data-pointer check would break the graph at every factor. The layout an
             # eager call cached (generate's prefill runs eagerly first; prepare_kernel_layouts) is read as a graph
-            # input. Loading, moving or casting the module drops the cache (_load_from_state_dict, _apply), so a
-            # stale layout is never read. Without a cached layout the dequantized product runs in the graph:
+            # input. Loading, moving or casting the module drops the cache (_load_from_state_dict, _apply); an
+            # in-place write to the buffers or a reassigned buffer is only seen here after one eager call (the
+            # signature check runs eagerly). Without a cached layout the dequantized product runs in the graph:
             # building the kernel layout there would repack on every call, and Inductor cannot lower aten's CPU
             # integer kernels on scales computed in the graph (test_inductor_compiles_float32_model_...).
             entry = self._prepared.get((device, compute))
